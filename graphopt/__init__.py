@@ -1,0 +1,16 @@
+"""graphopt: a TASO-style computation-graph superoptimizer for PyTorch.
+
+Example:
+    >>> import graphopt
+    >>> lib = graphopt.load_rules()                 # the shipped default library
+    >>> rule = lib[lib.rules[0].id]
+    >>> src_fn, dst_fn, specs = rule.as_torch()     # plain torch callables
+"""
+__version__ = "0.1.0"
+
+from .errors import GraphoptError, RuleFormatError, ShapeError, UnknownOpError  # noqa: E402
+from .ir import Graph  # noqa: E402
+from .rules import Rule, RuleLibrary, load_rules  # noqa: E402
+
+__all__ = ["load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
+           "ShapeError", "UnknownOpError", "__version__"]

@@ -1,0 +1,179 @@
+"""The ``graphopt`` command line.
+
+Every user error ends in one line ``graphopt: error: ...`` on stderr and exit
+status 2; a failed verification exits 1.  No traceback reaches the user.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import GraphoptError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        raise GraphoptError(f"{self.prog.split()[-1]}: {message}")
+
+
+def _cmd_generate(args) -> int:
+    from .enumerate import DEFAULT_OPS
+    from .generate import GenerateSettings, generate, parse_inputs
+    from .ops import get_op
+
+    ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else DEFAULT_OPS
+    for op in ops:
+        get_op(op)
+    settings = GenerateSettings(max_ops=args.max_ops, ops=ops, seed=args.seed, z3=not args.no_z3,
+                                z3_timeout_ms=args.z3_timeout,
+                                max_rule_ops=args.max_rule_ops)
+    if args.inputs:
+        settings.inputs = parse_inputs(args.inputs)
+    say = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr))
+    lib = generate(settings, workers=args.workers, progress=not args.quiet, log=say)
+    lib.save(args.output)
+    if not args.quiet:
+        print(f"wrote {len(lib)} rules to {args.output}")
+        _print_stats(lib.meta)
+    return 0
+
+
+def _print_stats(meta: dict) -> None:
+    print("stage statistics:")
+    for k, v in meta.get("stats", {}).items():
+        print(f"  {k:<26} {v}")
+    t = meta.get("timings", {})
+    print("  " + ", ".join(f"{k}={v}" for k, v in t.items()))
+
+
+def _load(path):
+    from .rules import load_rules
+    return load_rules(path)
+
+
+def _cmd_rules_list(args) -> int:
+    lib = _load(args.library)
+    rules = lib.with_op(args.op) if args.op else list(lib)
+    if args.json:
+        print(json.dumps([{"id": r.id, "name": r.name, "size": list(r.size), "layers": r.layers(),
+                           "rule": r.summary()} for r in rules], indent=1))
+        return 0
+    for r in rules:
+        label = f" [{r.name}]" if r.name else ""
+        print(f"{r.id}  {r.size[0]}->{r.size[1]}  {'+'.join(r.layers()):<21} {r.summary()}{label}")
+    print(f"{len(rules)} of {len(lib)} rules", file=sys.stderr)
+    return 0
+
+
+def _cmd_rules_show(args) -> int:
+    from .dims import shape_str
+    lib = _load(args.library)
+    try:
+        rule = lib[args.rule_id]
+    except KeyError as e:
+        raise GraphoptError(str(e.args[0])) from None
+    if args.dot:
+        from .render import rule_to_dot
+        sys.stdout.write(rule_to_dot(rule))
+        return 0
+    print(f"rule {rule.id}" + (f" ({rule.name})" if rule.name else ""))
+    print("inputs: " + ", ".join(f"{i.name}{shape_str(i.shape)}" for i in rule.inputs))
+    print(f"source ({rule.src.num_ops()} ops):\n{rule.src.describe()}")
+    print(f"target ({rule.dst.num_ops()} ops):\n{rule.dst.describe()}")
+    print(f"as equation: {rule.summary()}")
+    print(f"evidence: {json.dumps(rule.evidence)}")
+    print(f"provenance: {json.dumps(rule.provenance)}")
+    if args.png:
+        from .render import rule_to_png
+        how = rule_to_png(rule, args.png)
+        print(f"wrote {args.png} ({how})")
+    return 0
+
+
+def _cmd_rules_verify(args) -> int:
+    from .check import verify_library
+    lib = _load(args.library)
+    report = verify_library(lib, seed=args.seed, dtypes=tuple(args.dtype), z3=args.z3,
+                            progress=not args.quiet)
+    for line in report.failures:
+        print(f"FAILED {line}")
+    print(f"{report.passed} passed, {len(report.failures)} failed")
+    return 1 if report.failures else 0
+
+
+def _cmd_ops(args) -> int:
+    from .ops import REGISTRY, registry_version
+    print(f"op registry {registry_version()}")
+    for op in REGISTRY.values():
+        flags = [k for k, v in (("algebraic", op.algebraic), ("commutative", op.commutative),
+                                ("view", op.view), ("enumerated", op.enum_attrs is not None)) if v]
+        attrs = ", ".join(f"{k}:{s.kind}" for k, s in op.attrs.items())
+        print(f"  {op.name:<11} arity {op.arity}  [{', '.join(flags)}]  {attrs}  - {op.doc}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="graphopt", description="TASO-style graph superoptimizer for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    g = sub.add_parser("generate", help="discover and verify rewrite rules")
+    g.add_argument("--max-ops", type=int, default=4, help="largest graph size (default 4)")
+    g.add_argument("--ops", help="comma-separated op set (default: the default op set)")
+    g.add_argument("--inputs", help='input tensors, e.g. "X:a,b;Y:b,c;s:" (default: X,Y,Z,W,s)')
+    g.add_argument("--seed", type=int, default=0, help="seed of fingerprints and float tests")
+    g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
+    g.add_argument("--max-rule-ops", type=int, default=7,
+                   help="drop rules whose two sides have more ops together (default 7)")
+    g.add_argument("--no-z3", action="store_true", help="skip Z3 proofs")
+    g.add_argument("--z3-timeout", type=int, default=2000, metavar="MS", help="Z3 timeout per rule")
+    g.add_argument("-o", "--output", default="rules.json", help="library to write (atomically)")
+    g.add_argument("-q", "--quiet", action="store_true")
+    g.set_defaults(func=_cmd_generate)
+
+    r = sub.add_parser("rules", help="inspect and re-check a rule library")
+    rsub = r.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
+    rl = rsub.add_parser("list", help="one line per rule")
+    rl.add_argument("library", nargs="?", help="rule library (default: the shipped one)")
+    rl.add_argument("--op", help="only rules that use this op")
+    rl.add_argument("--json", action="store_true")
+    rl.set_defaults(func=_cmd_rules_list)
+    rs = rsub.add_parser("show", help="one rule in full, optionally as a picture")
+    rs.add_argument("rule_id")
+    rs.add_argument("--library", help="rule library (default: the shipped one)")
+    out = rs.add_mutually_exclusive_group()
+    out.add_argument("--png", metavar="FILE", help="write a PNG picture")
+    out.add_argument("--dot", action="store_true", help="print Graphviz DOT")
+    rs.set_defaults(func=_cmd_rules_show)
+    rv = rsub.add_parser("verify", help="re-check every rule on fresh seeds and shapes")
+    rv.add_argument("library", nargs="?", help="rule library (default: the shipped one)")
+    rv.add_argument("--seed", type=int, default=12345)
+    rv.add_argument("--dtype", action="append", choices=["float64", "float32", "float16", "bfloat16"],
+                    help="torch dtypes to check the lowering in (default float32; repeatable)")
+    rv.add_argument("--z3", action="store_true", help="also re-run Z3 on algebraic rules")
+    rv.add_argument("-q", "--quiet", action="store_true")
+    rv.set_defaults(func=_cmd_rules_verify)
+
+    o = sub.add_parser("ops", help="list the op registry")
+    o.set_defaults(func=_cmd_ops)
+    return p
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if getattr(args, "command", None) == "rules" and getattr(args, "dtype", "x") is None:
+            args.dtype = ["float32"]
+        return args.func(args)
+    except GraphoptError as e:
+        print(f"graphopt: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("graphopt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

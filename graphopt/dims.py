@@ -1,0 +1,200 @@
+"""Symbolic tensor dimensions.
+
+A rule must hold for every size, so the generator works with *symbolic*
+dimensions: each is a linear form over size symbols with a non-negative
+integer constant, e.g. ``a``, ``2c``, ``b+d`` or ``1``.  Concatenating two
+tensors adds their dimensions; splitting subtracts.  Concrete graphs (a real
+model) use constant dimensions only, so one type serves both.
+
+Example:
+    >>> a, c = Dim.sym("a"), Dim.sym("c")
+    >>> str(a + c + c)
+    'a+2c'
+    >>> ((a + c) - a) == c
+    True
+    >>> (a + c).evaluate({"a": 3, "c": 4})
+    7
+"""
+from __future__ import annotations
+
+import re
+from typing import Mapping
+
+_TERM = re.compile(r"^(\d*)([A-Za-z_][A-Za-z_0-9]*)$")
+
+
+class Dim:
+    """A dimension: ``sum(coeff * symbol) + const`` with non-negative integers."""
+
+    __slots__ = ("terms", "const", "_hash")
+
+    def __init__(self, terms: tuple = (), const: int = 0):
+        self.terms = tuple(sorted((s, c) for s, c in terms if c))
+        self.const = int(const)
+        if self.const < 0 or any(c < 0 for _, c in self.terms):
+            raise ValueError(f"negative dimension {self}")
+        self._hash = hash((self.terms, self.const))
+
+    @staticmethod
+    def sym(name: str) -> "Dim":
+        return Dim(((name, 1),))
+
+    @staticmethod
+    def of(value) -> "Dim":
+        """Coerce an int, a Dim or a string such as ``"a+2c"`` into a Dim."""
+        if isinstance(value, Dim):
+            return value
+        if isinstance(value, bool):
+            raise ValueError(f"not a dimension: {value!r}")
+        if isinstance(value, int):
+            return Dim((), value)
+        if isinstance(value, str):
+            return Dim.parse(value)
+        raise ValueError(f"not a dimension: {value!r}")
+
+    @staticmethod
+    def parse(text: str) -> "Dim":
+        terms: dict[str, int] = {}
+        const = 0
+        for part in text.replace(" ", "").split("+"):
+            if part.isdigit():
+                const += int(part)
+                continue
+            m = _TERM.match(part)
+            if not m:
+                raise ValueError(f"invalid dimension {text!r}")
+            terms[m.group(2)] = terms.get(m.group(2), 0) + int(m.group(1) or 1)
+        return Dim(tuple(terms.items()), const)
+
+    @property
+    def is_const(self) -> bool:
+        return not self.terms
+
+    @property
+    def symbols(self) -> tuple:
+        return tuple(s for s, _ in self.terms)
+
+    def __add__(self, other) -> "Dim":
+        other = Dim.of(other)
+        merged = dict(self.terms)
+        for s, c in other.terms:
+            merged[s] = merged.get(s, 0) + c
+        return Dim(tuple(merged.items()), self.const + other.const)
+
+    __radd__ = __add__
+
+    def minus(self, other) -> "Dim | None":
+        """``self - other`` when it is a valid dimension (> 0 for every size), else None."""
+        other = Dim.of(other)
+        merged = dict(self.terms)
+        for s, c in other.terms:
+            left = merged.get(s, 0) - c
+            if left < 0:
+                return None
+            merged[s] = left
+        const = self.const - other.const
+        result_terms = tuple((s, c) for s, c in merged.items() if c)
+        if const < 0 or (not result_terms and const == 0):
+            return None
+        return Dim(result_terms, const)
+
+    def __sub__(self, other) -> "Dim":
+        result = self.minus(other)
+        if result is None:
+            raise ValueError(f"{self} - {Dim.of(other)} is not a positive dimension")
+        return result
+
+    def evaluate(self, binding: Mapping[str, int]) -> int:
+        try:
+            return self.const + sum(c * binding[s] for s, c in self.terms)
+        except KeyError as e:
+            raise ValueError(f"no size given for symbol {e.args[0]!r} in dimension {self}") from None
+
+    def rename(self, mapping: Mapping[str, str]) -> "Dim":
+        merged: dict[str, int] = {}
+        for s, c in self.terms:
+            t = mapping.get(s, s)
+            merged[t] = merged.get(t, 0) + c
+        return Dim(tuple(merged.items()), self.const)
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, int) and not isinstance(other, bool):
+            return not self.terms and self.const == other
+        return isinstance(other, Dim) and self.terms == other.terms and self.const == other.const
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __lt__(self, other: "Dim") -> bool:
+        return (self.terms, self.const) < (other.terms, other.const)
+
+    def __str__(self) -> str:
+        parts = [(f"{c}{s}" if c != 1 else s) for s, c in self.terms]
+        if self.const or not parts:
+            parts.append(str(self.const))
+        return "+".join(parts)
+
+    __repr__ = __str__
+
+
+Shape = tuple  # tuple[Dim, ...]
+
+
+def shape_of(dims) -> tuple:
+    """Coerce a sequence of ints / strings / Dims to a Shape (tuple of Dim)."""
+    return tuple(Dim.of(d) for d in dims)
+
+
+def shape_str(shape) -> str:
+    return "(" + ", ".join(str(d) for d in shape) + ")"
+
+
+def evaluate_shape(shape, binding: Mapping[str, int]) -> tuple:
+    return tuple(d.evaluate(binding) for d in shape)
+
+
+def shape_symbols(shape) -> list:
+    seen: list = []
+    for d in shape:
+        for s in d.symbols:
+            if s not in seen:
+                seen.append(s)
+    return seen
+
+
+def unify(pairs, binding: Mapping[str, int] | None = None) -> dict | None:
+    """Solve symbolic dims against concrete sizes.
+
+    Args:
+        pairs: iterable of (Dim, int).
+        binding: sizes already known.
+    Returns:
+        the completed binding, or None when the sizes are inconsistent (or a
+        symbol is left unsolved).
+
+    Example:
+        >>> unify([(Dim.parse("a"), 3), (Dim.parse("a+2c"), 11)])
+        {'a': 3, 'c': 4}
+    """
+    out = dict(binding or {})
+    pending = [(Dim.of(d), int(v)) for d, v in pairs]
+    progress = True
+    while pending and progress:
+        progress, rest = False, []
+        for d, v in pending:
+            unknown = [(s, c) for s, c in d.terms if s not in out]
+            if not unknown:
+                if d.evaluate(out) != v:
+                    return None
+                progress = True
+            elif len(unknown) == 1:
+                s, c = unknown[0]
+                known = d.const + sum(k * out[t] for t, k in d.terms if t in out)
+                if (v - known) <= 0 or (v - known) % c:
+                    return None
+                out[s] = (v - known) // c
+                progress = True
+            else:
+                rest.append((d, v))
+        pending = rest
+    return None if pending else out

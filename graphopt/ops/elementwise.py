@@ -1,0 +1,96 @@
+"""Elementwise operators: add, mul, neg, relu, exp, and tensor-by-scalar mul/div."""
+from __future__ import annotations
+
+import torch
+
+from ..errors import ShapeError
+from .base import OpDef, numel_int, register, same_shape
+
+
+def _same(name):
+    def infer(shapes, dtypes, attrs):
+        return [(same_shape(name, shapes), dtypes[0])]
+    return infer
+
+
+def _by_scalar(name):
+    def infer(shapes, dtypes, attrs):
+        if len(shapes[1]) != 0:
+            raise ShapeError(f"{name}: second input must be a scalar (shape ()), got rank {len(shapes[1])}")
+        return [(shapes[0], dtypes[0])]
+    return infer
+
+
+def _elementwise_flops(per_element):
+    return lambda ins, outs, attrs: per_element * numel_int(outs[0])
+
+
+add = register(OpDef(
+    name="add", arity=2, commutative=True, algebraic=True,
+    doc="Elementwise sum of two tensors of the same shape.",
+    infer=_same("add"),
+    compute=lambda dom, x, a: [dom.mod(x[0] + x[1])],
+    lower=lambda t, a: [t[0] + t[1]],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+mul = register(OpDef(
+    name="mul", arity=2, commutative=True, algebraic=True,
+    doc="Elementwise product of two tensors of the same shape.",
+    infer=_same("mul"),
+    compute=lambda dom, x, a: [dom.mod(x[0] * x[1])],
+    lower=lambda t, a: [t[0] * t[1]],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+smul = register(OpDef(
+    name="smul", arity=2, algebraic=True, scalar_operand=1,
+    doc="Tensor times a scalar (a 0-d tensor).",
+    infer=_by_scalar("smul"),
+    compute=lambda dom, x, a: [dom.mod(x[0] * x[1])],
+    lower=lambda t, a: [t[0] * t[1]],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+sdiv = register(OpDef(
+    name="sdiv", arity=2, algebraic=True, scalar_operand=1,
+    doc="Tensor divided by a scalar (a 0-d tensor).",
+    infer=_by_scalar("sdiv"),
+    compute=lambda dom, x, a: [dom.mod(x[0] * dom.recip(x[1]))],
+    lower=lambda t, a: [t[0] / t[1]],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+neg = register(OpDef(
+    name="neg", arity=1, algebraic=True,
+    doc="Elementwise negation.",
+    infer=_same("neg"),
+    compute=lambda dom, x, a: [dom.mod(-x[0])],
+    lower=lambda t, a: [-t[0]],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+relu = register(OpDef(
+    name="relu", arity=1, algebraic=False,
+    doc="Elementwise max(x, 0).  Fingerprint surrogate x(x+1)+1 (TASO).",
+    infer=_same("relu"),
+    compute=lambda dom, x, a: [dom.relu(x[0])],
+    lower=lambda t, a: [torch.relu(t[0])],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))
+
+exp = register(OpDef(
+    name="exp", arity=1, algebraic=False,
+    doc="Elementwise e**x.  Fingerprint surrogate 3x^2+5x+7.",
+    infer=_same("exp"),
+    compute=lambda dom, x, a: [dom.exp(x[0])],
+    lower=lambda t, a: [torch.exp(t[0])],
+    flops=_elementwise_flops(1),
+    enum_attrs=lambda shapes: [{}],
+))

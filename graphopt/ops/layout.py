@@ -1,0 +1,106 @@
+"""Layout operators: concat, split and reshape."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..dims import Dim
+from ..errors import ShapeError
+from .base import AttrSpec, OpDef, norm_axis, register
+
+
+def _concat_infer(shapes, dtypes, attrs):
+    a, b = shapes
+    if len(a) != len(b):
+        raise ShapeError(f"concat: ranks differ: {len(a)} vs {len(b)}")
+    ax = norm_axis("concat", attrs["axis"], len(a))
+    for i, (x, y) in enumerate(zip(a, b)):
+        if i != ax and x != y:
+            raise ShapeError(f"concat: dimension {i} differs: {x} vs {y}")
+    out = list(a)
+    out[ax] = a[ax] + b[ax]
+    return [(tuple(out), dtypes[0])]
+
+
+concat = register(OpDef(
+    name="concat", arity=2, algebraic=True,
+    doc="Concatenate two tensors along an axis.",
+    attrs={"axis": AttrSpec("int")},
+    infer=_concat_infer,
+    compute=lambda dom, x, a: [np.concatenate([x[0], x[1]], axis=a["axis"])],
+    lower=lambda t, a: [torch.cat([t[0], t[1]], dim=a["axis"])],
+    flops=lambda ins, outs, a: 0,
+    enum_attrs=lambda shapes: [{"axis": ax} for ax in (0, 1) if ax < len(shapes[0])],
+))
+
+
+def _split_infer(shapes, dtypes, attrs):
+    (s,) = shapes
+    ax = norm_axis("split", attrs["axis"], len(s))
+    left = attrs["left"]
+    right = Dim.of(s[ax]).minus(left)
+    if right is None or left == 0:
+        raise ShapeError(f"split: cannot split dimension {s[ax]} at {left}")
+    first, second = list(s), list(s)
+    first[ax], second[ax] = left, right
+    return [(tuple(first), dtypes[0]), (tuple(second), dtypes[0])]
+
+
+def _split_points(shapes):
+    """Where the enumerator splits a tensor: TASO splits where a concat joined two
+    tensors.  A symbolic dimension such as ``b+c`` or ``2c`` remembers that it is a
+    sum, so every proper part of it (``b``, ``c``) is a split point."""
+    out = []
+    for ax in (0, 1):
+        if ax >= len(shapes[0]):
+            continue
+        d = shapes[0][ax]
+        for left in _proper_parts(d):
+            out.append({"axis": ax, "left": left})
+    return out
+
+
+def _proper_parts(d: Dim) -> list:
+    parts = [()]
+    for sym, coeff in d.terms:
+        parts = [p + ((sym, k),) for p in parts for k in range(coeff + 1)]
+    whole = tuple(d.terms)
+    return [Dim(p) for p in parts if any(k for _, k in p) and p != whole]
+
+
+split = register(OpDef(
+    name="split", arity=1, algebraic=True, view=True,
+    doc="Split a tensor in two along an axis; the first part has size `left`.",
+    attrs={"axis": AttrSpec("int"), "left": AttrSpec("dim")},
+    infer=_split_infer,
+    compute=lambda dom, x, a: np.split(x[0], [a["left"]], axis=a["axis"]),
+    lower=lambda t, a: list(torch.split(t[0], [a["left"], t[0].shape[a["axis"]] - a["left"]], dim=a["axis"])),
+    flops=lambda ins, outs, a: 0,
+    enum_attrs=_split_points,
+))
+
+
+def _reshape_infer(shapes, dtypes, attrs):
+    (s,) = shapes
+    target = attrs["shape"]
+    if s == target:
+        return [(target, dtypes[0])]
+    if not all(d.is_const for d in s) or not all(d.is_const for d in target):
+        raise ShapeError("reshape: symbolic dimensions can only be reshaped to the same shape")
+    n_in = int(np.prod([d.const for d in s], dtype=np.int64))
+    n_out = int(np.prod([d.const for d in target], dtype=np.int64))
+    if n_in != n_out:
+        raise ShapeError(f"reshape: cannot reshape {n_in} elements into {n_out}")
+    return [(target, dtypes[0])]
+
+
+reshape = register(OpDef(
+    name="reshape", arity=1, algebraic=True, view=True,
+    doc="Reshape to a shape with the same number of elements (row-major order).",
+    attrs={"shape": AttrSpec("dims")},
+    infer=_reshape_infer,
+    compute=lambda dom, x, a: [np.reshape(x[0], tuple(a["shape"]))],
+    lower=lambda t, a: [t[0].reshape(tuple(a["shape"]))],
+    flops=lambda ins, outs, a: 0,
+    enum_attrs=None,  # shape-changing reshapes need concrete sizes; not enumerated
+))

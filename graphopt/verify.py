@@ -1,0 +1,159 @@
+"""Verification of candidate rules: float tests and Z3 proofs.
+
+Layer 1, the fingerprint, is exact but computed at one shape and can be fooled
+by the surrogates of non-polynomial ops.  Layer 2 evaluates both sides with the
+float64 reference semantics on several independent seeds and several shape
+instantiations (different sizes for every shape symbol), with inputs drawn
+from a symmetric distribution, so relu cuts both signs and no zeros hide a
+difference.  Layer 3 applies where every op is algebraic: both sides are
+evaluated on Z3 reals at a small shape and Z3 proves every output element
+equal (or finds a counterexample) within a timeout.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .dims import evaluate_shape, shape_symbols
+from .errors import NotAlgebraic
+from .ir import Graph
+
+# (rtol, atol) for comparing two computations of the same value in a dtype
+TOLERANCES = {
+    "float64": (1e-7, 1e-9),
+    "float32": (1e-4, 1e-5),
+    "float16": (1e-2, 1e-3),
+    "bfloat16": (5e-2, 1e-2),
+}
+
+# sizes tried for shape symbols; distinct within an instantiation
+_SIZES = (2, 3, 4, 5, 6, 7)
+
+
+def graph_symbols(graph: Graph) -> list:
+    out: list = []
+    for inp in graph.inputs:
+        for s in shape_symbols(inp.shape):
+            if s not in out:
+                out.append(s)
+    return out
+
+
+def instantiations(symbols, count: int, seed: int = 0) -> list:
+    """``count`` bindings of the symbols to sizes; each binding gives every symbol
+    a different size where possible, and the bindings differ from each other."""
+    rng = np.random.default_rng(seed + 7919)
+    out = []
+    while len(out) < count:
+        sizes = rng.permutation(_SIZES)
+        binding = {s: int(sizes[i % len(sizes)]) for i, s in enumerate(symbols)}
+        if binding not in out or not symbols:
+            out.append(binding)
+    return out
+
+
+def random_inputs(graph: Graph, binding: dict, seed: int, dtype=np.float64) -> dict:
+    """Inputs of both signs and no zeros; scalars are kept away from 0 (they divide)."""
+    rng = np.random.default_rng(seed)
+    env = {}
+    for inp in graph.inputs:
+        shape = evaluate_shape(inp.shape, binding)
+        if shape == ():
+            env[inp.name] = np.array(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0), dtype=dtype)
+        else:
+            env[inp.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
+    return env
+
+
+def close(a, b, dtype: str = "float64") -> bool:
+    """Equal within the dtype's tolerance, relative to the magnitude of the values."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return False
+    rtol, atol = TOLERANCES[dtype]
+    scale = max(1.0, float(np.max(np.abs(a), initial=0.0)))
+    return bool(np.all(np.abs(a - b) <= atol * scale + rtol * np.abs(b)))
+
+
+@dataclass(frozen=True)
+class FloatPlan:
+    """The seeds and shape instantiations of a float test."""
+
+    seeds: tuple = (1, 2, 3)
+    shapes: int = 2
+
+    def cases(self, graph: Graph) -> list:
+        bindings = instantiations(graph_symbols(graph), self.shapes)
+        return [(b, s) for b in bindings for s in self.seeds]
+
+
+def float_outputs(graph: Graph, cases) -> list:
+    """Reference outputs of a graph for each (binding, seed) case."""
+    return [graph.evaluate(random_inputs(graph, b, s), "ref", b) for b, s in cases]
+
+
+def same_outputs(outs_a: list, outs_b: list, dtype: str = "float64") -> bool:
+    return all(len(x) == len(y) and all(close(p, q, dtype) for p, q in zip(x, y))
+               for x, y in zip(outs_a, outs_b))
+
+
+def float_check(src: Graph, dst: Graph, plan: FloatPlan = FloatPlan()) -> bool:
+    cases = plan.cases(src)
+    return same_outputs(float_outputs(src, cases), float_outputs(dst, cases))
+
+
+# -- Z3 ---------------------------------------------------------------------------------
+
+Z3_BINDING_SIZES = (2, 3)
+
+
+def z3_binding(graph: Graph) -> dict:
+    return {s: Z3_BINDING_SIZES[i % 2] for i, s in enumerate(graph_symbols(graph))}
+
+
+def z3_check(src: Graph, dst: Graph, timeout_ms: int = 2000) -> str:
+    """Prove ``src == dst`` at a small shape.
+
+    Returns:
+        ``"proved"``, ``"refuted"``, ``"timeout"`` or ``"not-algebraic"`` (an op
+        without exact algebraic semantics, e.g. relu or exp).
+    """
+    import z3
+
+    binding = z3_binding(src)
+    env, nonzero = {}, []
+    for inp in src.inputs:
+        shape = evaluate_shape(inp.shape, binding)
+        n = int(np.prod(shape, dtype=np.int64))
+        arr = np.empty(n, dtype=object)
+        for k in range(n):
+            arr[k] = z3.Real(f"{inp.name}_{k}")
+        env[inp.name] = arr.reshape(shape)
+        if shape == ():
+            nonzero.append(arr[0] != 0)  # scalars divide
+    try:
+        a = src.evaluate(env, "z3", binding)
+        b = dst.evaluate(env, "z3", binding)
+    except NotAlgebraic:
+        return "not-algebraic"
+    diffs = []
+    for x, y in zip(a, b):
+        if np.shape(x) != np.shape(y):
+            return "refuted"
+        for p, q in zip(np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)):
+            d = z3.simplify(p - q, som=True)
+            if not (z3.is_rational_value(d) and d.as_fraction() == 0):
+                diffs.append(d)
+    if not diffs:
+        return "proved"
+    solver = z3.Solver()
+    solver.set("timeout", timeout_ms)
+    solver.add(*nonzero)
+    solver.add(z3.Or([d != 0 for d in diffs]))
+    result = solver.check()
+    if result == z3.unsat:
+        return "proved"
+    if result == z3.sat:
+        return "refuted"
+    return "timeout"
