@@ -30,8 +30,8 @@ def check_rule(rule: Rule, seed: int = 12345, dtypes=("float32",), z3: bool = Fa
     plan = FloatPlan(seeds=(seed, seed + 1, seed + 2), shapes=2)
     if not float_check(rule.src, rule.dst, plan):
         return "float64 reference outputs differ"
-    src_fn, dst_fn = rule.src.to_torch(), rule.dst.to_torch()
     for binding in instantiations(graph_symbols(rule.src), 2, seed):
+        src_fn, dst_fn = rule.src.to_torch(binding), rule.dst.to_torch(binding)
         env = random_inputs(rule.src, binding, seed)
         expected = rule.src.evaluate(env, "ref", binding)
         for dtype in dtypes:

@@ -22,6 +22,7 @@ def _cmd_generate(args) -> int:
     from .generate import GenerateSettings, generate, parse_inputs
     from .ops import get_op
 
+    _check_output_path(args.output)
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else DEFAULT_OPS
     for op in ops:
         get_op(op)
@@ -37,6 +38,20 @@ def _cmd_generate(args) -> int:
         print(f"wrote {len(lib)} rules to {args.output}")
         _print_stats(lib.meta)
     return 0
+
+
+def _check_output_path(path) -> None:
+    """Fail before minutes of work, not after, when the output cannot be written."""
+    import os
+    from pathlib import Path
+    p = Path(path)
+    directory = p.parent if str(p.parent) else Path(".")
+    if not directory.is_dir():
+        raise GraphoptError(f"{path}: directory {directory} does not exist")
+    if p.is_dir():
+        raise GraphoptError(f"{path}: is a directory")
+    if not os.access(directory, os.W_OK):
+        raise GraphoptError(f"{path}: directory {directory} is not writable")
 
 
 def _print_stats(meta: dict) -> None:
@@ -120,7 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="discover and verify rewrite rules")
     g.add_argument("--max-ops", type=int, default=4, help="largest graph size (default 4)")
     g.add_argument("--ops", help="comma-separated op set (default: the default op set)")
-    g.add_argument("--inputs", help='input tensors, e.g. "X:a,b;Y:b,c;s:" (default: X,Y,Z,W,s)')
+    g.add_argument("--inputs", help='input tensors, e.g. "X:a,b;Y:b,c;s:" (default: X:a,b;Y:b,c;Z:b,c;W:c,d;V:b,c+d;s:)')
     g.add_argument("--seed", type=int, default=0, help="seed of fingerprints and float tests")
     g.add_argument("--workers", type=int, default=0, help="processes (default: all cores)")
     g.add_argument("--max-rule-ops", type=int, default=7,

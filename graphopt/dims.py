@@ -33,7 +33,8 @@ class Dim:
         self.const = int(const)
         if self.const < 0 or any(c < 0 for _, c in self.terms):
             raise ValueError(f"negative dimension {self}")
-        self._hash = hash((self.terms, self.const))
+        # a constant dim equals its int, so it must hash like it
+        self._hash = hash(self.const) if not self.terms else hash((self.terms, self.const))
 
     @staticmethod
     def sym(name: str) -> "Dim":
@@ -176,6 +177,17 @@ def unify(pairs, binding: Mapping[str, int] | None = None) -> dict | None:
         >>> unify([(Dim.parse("a"), 3), (Dim.parse("a+2c"), 11)])
         {'a': 3, 'c': 4}
     """
+    solved = solve(pairs, binding)
+    if solved is None or solved[1]:
+        return None
+    return solved[0]
+
+
+def solve(pairs, binding: Mapping[str, int] | None = None):
+    """Like :func:`unify`, but returns ``(binding, unsolved_symbols)``; None if inconsistent.
+
+    A dimension such as ``c+d`` fixes neither symbol alone; those stay unsolved.
+    """
     out = dict(binding or {})
     pending = [(Dim.of(d), int(v)) for d, v in pairs]
     progress = True
@@ -197,4 +209,5 @@ def unify(pairs, binding: Mapping[str, int] | None = None) -> dict | None:
             else:
                 rest.append((d, v))
         pending = rest
-    return None if pending else out
+    unsolved = sorted({s for d, _ in pending for s in d.symbols if s not in out})
+    return out, unsolved

@@ -42,13 +42,17 @@ DEFAULT_OPS = ("matmul", "add", "mul", "smul", "sdiv", "neg", "relu", "exp",
 
 
 def default_inputs() -> tuple:
-    """Distinct shapes chosen so matmuls chain (X@Y@W), two weights share a
-    shape (Y, Z: for x@A + x@B and merged projections) and a scalar exists."""
+    """Shapes chosen so matmuls chain (X@Y@W), two weights share a shape (Y, Z:
+    x@A + x@B, merged projections), one weight is already concatenated (V, of
+    width c+d: splitting fused weights, ops commuting with split) and a scalar
+    scales (s)."""
+    a, b, c, d = (Dim.sym(x) for x in "abcd")
     return (
-        Input("X", (Dim.sym("a"), Dim.sym("b"))),
-        Input("Y", (Dim.sym("b"), Dim.sym("c"))),
-        Input("Z", (Dim.sym("b"), Dim.sym("c"))),
-        Input("W", (Dim.sym("c"), Dim.sym("d"))),
+        Input("X", (a, b)),
+        Input("Y", (b, c)),
+        Input("Z", (b, c)),
+        Input("W", (c, d)),
+        Input("V", (b, c + d)),
         Input("s", ()),
     )
 
@@ -90,6 +94,7 @@ class _Table:
         self.n_tset: list = []     # frozenset of the tensors a node touches
         self.intern: dict = {}
         self.infer_cache: dict = {}
+        self.head_cache: dict = {}
         self.input_names: list = []
         rng = np.random.default_rng(cfg.seed)
         for inp in cfg.inputs:
@@ -211,10 +216,17 @@ class _Table:
             pos[nid] = i
             for j, t in enumerate(self.n_out[nid]):
                 ref_of[t] = f"%{i}.{j}" if len(self.n_out[nid]) > 1 else f"%{i}"
-            attrs = tuple(sorted(attrs_to_json(self.n_attrs[nid]).items()))
-            attrs = tuple((k, tuple(v) if isinstance(v, list) else v) for k, v in attrs)
-            out.append((self.opdefs[self.n_op[nid]].name, attrs, tuple(refs)))
+            out.append(self._head(nid) + (tuple(refs),))
         return tuple(out), tuple(ref_of[t] for t in outputs)
+
+    def _head(self, nid) -> tuple:
+        """(op name, attrs as sorted JSON-able items) of a node, computed once."""
+        head = self.head_cache.get(nid)
+        if head is None:
+            attrs = tuple((k, tuple(v) if isinstance(v, list) else v)
+                          for k, v in sorted(attrs_to_json(self.n_attrs[nid]).items()))
+            head = self.head_cache[nid] = (self.opdefs[self.n_op[nid]].name, attrs)
+        return head
 
     def independent(self, seq, outputs) -> bool:
         """True when the graph has several outputs whose cones share no node."""
@@ -369,8 +381,8 @@ class _Search:
             consumed = len({t for t in ins if t in sinks})
             if len(sinks) - consumed + len(tb.n_out[nid]) > self.max_outputs:
                 continue
-            if len(comps) > 1 and not all(not c.isdisjoint(ins) for c in comps):
-                continue
+            if not all(not c.isdisjoint(ins) for c in comps):
+                continue  # the new node must join every component
             out.append(nid)
         return out
 
@@ -446,8 +458,9 @@ class _Worker:
                 continue
             recs = []
             for seq in seqs:
-                outs = sorted((t for nid in seq for t in tb.n_out[nid]
-                               if not any(t in tb.n_in[m] for m in seq)), key=lambda t: tb.t_fp[t])
+                consumed = {t for nid in seq for t in tb.n_in[nid]}
+                outs = sorted((t for nid in seq for t in tb.n_out[nid] if t not in consumed),
+                              key=tb.t_fp.__getitem__)
                 nodes, refs = tb.encode(seq, outs)
                 recs.append(GraphRecord(nodes, refs, frozenset(tb.n_skey[n] for n in seq),
                                         tb.top_signature(outs), tb.independent(seq, outs)))

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from .dims import Dim, evaluate_shape, shape_of, shape_str, unify
+from .dims import Dim, evaluate_shape, shape_of, shape_str, solve
 from .errors import GraphoptError, RuleFormatError, ShapeError
 from .ops import get_op
 from .ops.base import FLOAT_DTYPES
@@ -55,9 +55,12 @@ def attrs_to_json(attrs: Mapping) -> dict:
 
 def parse_ref(ref: str) -> tuple:
     """``"%3.1"`` -> (3, 1); ``"%3"`` -> (3, 0); ``"X"`` -> (name, None)."""
+    if not isinstance(ref, str):
+        raise ShapeError(f"invalid tensor ref {ref!r}")
     if ref.startswith("%"):
-        body = ref[1:]
-        idx, _, out = body.partition(".")
+        idx, _, out = ref[1:].partition(".")
+        if not idx.isdigit() or not (out.isdigit() or ref.count(".") == 0):
+            raise ShapeError(f"invalid tensor ref {ref!r}")
         return int(idx), int(out or 0)
     return ref, None
 
@@ -103,20 +106,31 @@ class Graph:
             raise ShapeError(f"unknown tensor {ref!r}")
         if not 0 <= key < len(self.nodes) or out >= len(self.nodes[key].outs):
             raise ShapeError(f"unknown tensor {ref!r}")
+        if ref != node_ref(key, out, len(self.nodes[key].outs)):  # one spelling per tensor
+            raise ShapeError(f"unknown tensor {ref!r} (did you mean {node_ref(key, out, len(self.nodes[key].outs))!r}?)")
         return self.nodes[key].outs[out]
 
-    def bind(self, concrete_shapes: Sequence[tuple]) -> dict:
-        """Sizes of the shape symbols given the inputs' concrete shapes; ShapeError if they do not fit."""
+    def bind(self, concrete_shapes: Sequence[tuple], defaults: Mapping | None = None) -> dict:
+        """Sizes of the shape symbols given the inputs' concrete shapes.
+
+        Symbols the shapes do not determine are taken from ``defaults``.
+        Raises ShapeError if the shapes do not fit or a needed size stays unknown.
+        """
         pairs = []
         for inp, shape in zip(self.inputs, concrete_shapes):
             if len(inp.shape) != len(shape):
                 raise ShapeError(f"input {inp.name}: expected rank {len(inp.shape)}, got shape {tuple(shape)}")
             pairs.extend(zip(inp.shape, shape))
-        binding = unify(pairs)
-        if binding is None:
-            want = ", ".join(f"{i.name}{shape_str(i.shape)}" for i in self.inputs)
+        want = ", ".join(f"{i.name}{shape_str(i.shape)}" for i in self.inputs)
+        solved = solve(pairs)
+        if solved is not None and solved[1] and defaults:
+            solved = solve(pairs, {s: defaults[s] for s in solved[1] if s in defaults})
+        if solved is None:
             raise ShapeError(f"input shapes {[tuple(s) for s in concrete_shapes]} do not fit {want}")
-        return binding
+        if solved[1]:
+            raise ShapeError(f"input shapes {[tuple(s) for s in concrete_shapes]} do not determine "
+                             f"the size of {', '.join(solved[1])} in {want}; pass them as defaults")
+        return solved[0]
 
     def num_ops(self) -> int:
         return len(self.nodes)
@@ -145,14 +159,19 @@ class Graph:
                 values[node_ref(idx, j, len(node.outs))] = v
         return [values[r] for r in self.outputs]
 
-    def to_torch(self) -> Callable:
-        """A plain torch callable taking the inputs positionally, returning a tuple of outputs."""
+    def to_torch(self, defaults: Mapping | None = None) -> Callable:
+        """A plain torch callable taking the inputs positionally, returning a tuple of outputs.
+
+        Args:
+            defaults: sizes for shape symbols that the input shapes do not determine
+                (in ``V: (b, c+d)`` only ``c+d`` is known; a split at ``c`` needs ``c``).
+        """
         names = [i.name for i in self.inputs]
 
         def fn(*tensors):
             if len(tensors) != len(names):
                 raise TypeError(f"expected {len(names)} inputs ({', '.join(names)}), got {len(tensors)}")
-            binding = self.bind([tuple(t.shape) for t in tensors])
+            binding = self.bind([tuple(t.shape) for t in tensors], defaults)
             values = dict(zip(names, tensors))
             for idx, node in enumerate(self.nodes):
                 args = [values[r] for r in node.inputs]
@@ -178,11 +197,17 @@ class Graph:
         try:
             for spec in inputs:
                 g.add_input(spec["name"], spec["shape"], spec.get("dtype", "float32"))
+            if not isinstance(body.get("nodes"), list) or not isinstance(body.get("outputs", []), list):
+                raise RuleFormatError(f'{where}: malformed graph: "nodes" must be a list (and "outputs" too)')
             for k, n in enumerate(body["nodes"]):
                 try:
-                    g.add(n["op"], *n["inputs"], **n.get("attrs", {}))
+                    if not isinstance(n, Mapping) or "op" not in n or not isinstance(n.get("inputs"), list):
+                        raise ShapeError("expected {\"op\": ..., \"inputs\": [...], \"attrs\": {...}}")
+                    g.add(n["op"], *n["inputs"], **(n.get("attrs") or {}))
                 except GraphoptError as e:
                     raise RuleFormatError(f"{where}: node {k}: {e}") from None
+                except (TypeError, ValueError) as e:
+                    raise RuleFormatError(f"{where}: node {k}: malformed ({e})") from None
             outs = list(body["outputs"])
             for r in outs:
                 g.type_of(r)

@@ -108,6 +108,8 @@ class Rule:
         Returns:
             ``(src_fn, dst_fn, input_specs)``; each fn takes the inputs positionally
             and returns a tuple of outputs (mapped outputs at the same position).
+            The fns accept other sizes too; sizes that input shapes leave open (the
+            split point ``c`` of a ``c+d`` dimension) come from ``binding``.
 
         Example:
             >>> src_fn, dst_fn, specs = rule.as_torch()
@@ -119,7 +121,7 @@ class Rule:
         binding = binding or instantiations(graph_symbols(self.src), 1)[0]
         specs = [InputSpec(i.name, evaluate_shape(i.shape, binding), getattr(torch, i.dtype),
                            tuple(str(d) for d in i.shape)) for i in self.inputs]
-        return self.src.to_torch(), self.dst.to_torch(), specs
+        return self.src.to_torch(binding), self.dst.to_torch(binding), specs
 
     # -- serialisation ---------------------------------------------------------------
     def to_json(self) -> dict:
@@ -159,6 +161,8 @@ def _render(graph: Graph, ref: str, names: dict, syms: dict, memo: dict) -> str:
         return names[key]
     node = graph.nodes[key]
     parts = [_render(graph, r, names, syms, memo) for r in node.inputs]
+    if get_op(node.op).commutative:
+        parts.sort()
     for k, v in node.attrs:
         if get_op(node.op).attrs[k].default == v:
             continue
@@ -171,7 +175,8 @@ def _render(graph: Graph, ref: str, names: dict, syms: dict, memo: dict) -> str:
 
 
 def canonical_key(rule: Rule) -> str:
-    """The same string for rules equal up to renaming inputs / shape symbols and swapping sides."""
+    """The same string for rules equal up to renaming inputs / shape symbols, swapping the
+    operands of commutative ops, reordering mapped outputs and swapping sides."""
     inputs = rule.inputs
     groups: dict = {}
     for i in inputs:

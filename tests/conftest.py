@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from graphopt.generate import GenerateSettings, generate
+from graphopt.rules import DEFAULT_LIBRARY, load_rules
+
+
+@pytest.fixture(scope="session")
+def default_library():
+    """The shipped library, substitutions/default.json."""
+    return load_rules()
+
+
+@pytest.fixture(scope="session")
+def fresh_library():
+    """A library generated now from graphs of up to 3 ops (a few seconds)."""
+    return generate(GenerateSettings(max_ops=3), workers=2, progress=False)
+
+
+def run_cli(*args, cwd=None, timeout=300):
+    """Run the graphopt CLI in a subprocess; returns CompletedProcess (text)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "graphopt.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    return run_cli
+
+
+__all__ = ["DEFAULT_LIBRARY", "run_cli"]

@@ -1,0 +1,109 @@
+"""The command line, through a subprocess, as a user runs it."""
+import json
+
+import pytest
+
+from graphopt.rules import load_rules
+
+
+def _one_line_error(proc, *needles):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+def test_generate_writes_library_and_statistics(cli, tmp_path):
+    out = tmp_path / "r.json"
+    proc = cli("generate", "--max-ops", "2", "--ops", "matmul,add,transpose,smul", "--workers", "2",
+               "-o", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "stage statistics" in proc.stdout and "graphs_enumerated" in proc.stdout
+    assert "enumerate" in proc.stderr and "verify" in proc.stderr  # progress
+    lib = load_rules(out)
+    assert len(lib) > 0 and lib.meta["generator"]["ops"] == ["matmul", "add", "transpose", "smul"]
+    assert f"wrote {len(lib)} rules" in proc.stdout
+
+
+def test_rules_list_show_verify(cli, tmp_path):
+    out = tmp_path / "r.json"
+    assert cli("generate", "--max-ops", "2", "--ops", "matmul,transpose,smul", "-q", "-o", str(out)).returncode == 0
+    listing = cli("rules", "list", str(out))
+    assert listing.returncode == 0
+    lines = listing.stdout.strip().splitlines()
+    assert lines and all(" == " in line for line in lines)
+    rule_id = lines[0].split()[0]
+    only_smul = cli("rules", "list", str(out), "--op", "smul").stdout.strip().splitlines()
+    assert only_smul and all("smul" in line for line in only_smul) and len(only_smul) < len(lines)
+    as_json = json.loads(cli("rules", "list", str(out), "--json").stdout)
+    assert {r["id"] for r in as_json} == {line.split()[0] for line in lines}
+
+    show = cli("rules", "show", rule_id, "--library", str(out))
+    assert show.returncode == 0 and "source (" in show.stdout and "target (" in show.stdout
+    dot = cli("rules", "show", rule_id[:8], "--library", str(out), "--dot")
+    assert dot.stdout.startswith("digraph") and "cluster_src" in dot.stdout
+
+    verify = cli("rules", "verify", str(out), "--dtype", "float32", "--dtype", "float64")
+    assert verify.returncode == 0, verify.stdout + verify.stderr
+    assert f"{len(lines)} passed, 0 failed" in verify.stdout
+
+
+def test_rules_verify_fails_on_a_false_rule(cli, tmp_path):
+    bad = {"format": "graphopt-rules", "schema_version": 1, "rules": [{
+        "inputs": [{"name": "X", "shape": ["a", "b"]}],
+        "src": {"nodes": [{"op": "relu", "inputs": ["X"]}], "outputs": ["%0"]},
+        "dst": {"nodes": [{"op": "neg", "inputs": ["X"]}], "outputs": ["%0"]}}]}
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(bad))
+    proc = cli("rules", "verify", str(path))
+    assert proc.returncode == 1
+    assert "0 passed, 1 failed" in proc.stdout and "FAILED" in proc.stdout
+
+
+def test_png(cli, tmp_path):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "r.json"
+    cli("generate", "--max-ops", "2", "--ops", "matmul,transpose", "-q", "-o", str(out))
+    rule_id = load_rules(out).rules[0].id
+    png = tmp_path / "rule.png"
+    proc = cli("rules", "show", rule_id, "--library", str(out), "--png", str(png))
+    assert proc.returncode == 0, proc.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("generate", "--ops", "matmul,frobnicate", "-o", "x.json"), ["unknown op 'frobnicate'"]),
+    (("generate", "--ops", "reshape", "-o", "x.json"), ["cannot be enumerated"]),
+    (("generate", "--max-ops", "0", "-o", "x.json"), ["--max-ops"]),
+    (("generate", "--max-ops", "two"), ["invalid int value"]),
+    (("generate", "--inputs", "X:a,b;X:b", "-o", "x.json"), ["duplicate input"]),
+    (("generate", "--inputs", "X:a,%", "-o", "x.json"), ["invalid shape"]),
+    (("generate", "--max-ops", "1", "-o", "no/such/dir/x.json"), ["does not exist"]),
+    (("rules", "list", "missing.json"), ["no such rule library"]),
+    (("rules", "show", "rzzzz"), ["no rule with id"]),
+    (("rules", "frob",), ["invalid choice"]),
+    ((), ["required"]),
+])
+def test_bad_input_is_one_line(cli, tmp_path, args, needles):
+    proc = cli(*args, cwd=tmp_path)
+    _one_line_error(proc, *needles)
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_truncated_library_is_one_line(cli, tmp_path, fresh_library):
+    path = tmp_path / "lib.json"
+    fresh_library.save(path)
+    data = path.read_text()
+    path.write_text(data[: len(data) // 2])
+    _one_line_error(cli("rules", "list", str(path)), "not valid JSON", "truncated")
+    path.write_text(data.replace('"schema_version": 1', '"schema_version": 7'))
+    _one_line_error(cli("rules", "verify", str(path)), "unsupported schema version 7")
+
+
+def test_ops_lists_registry(cli):
+    proc = cli("ops")
+    assert proc.returncode == 0
+    for op in ("matmul", "split", "reduce_sum", "reshape"):
+        assert op in proc.stdout
