@@ -26,7 +26,7 @@ def _side_dot(g: Graph, prefix: str, label: str) -> list:
             lines.append(f"    {src} -> {prefix}_n{k};")
     for j, r in enumerate(g.outputs):
         key, out = parse_ref(r)
-        lines.append(f'    {prefix}_out{j} [label="out {j}\\n{shape_str(g.type_of(r)[0])}", shape=box, style=filled, fillcolor="#f7ede8"];')
+        lines.append(f'    {prefix}_out{j} [label="out {j} = {r}\\n{shape_str(g.type_of(r)[0])}", shape=box, style=filled, fillcolor="#f7ede8"];')
         src = f"{prefix}_{key}" if out is None else f"{prefix}_n{key}"
         lines.append(f"    {src} -> {prefix}_out{j};")
     lines.append("  }")
@@ -95,7 +95,7 @@ def _nx_graph(g: Graph, nx):
     for j, r in enumerate(g.outputs):
         key, out = parse_ref(r)
         G.add_node(f"out{j}", kind="output")
-        labels[f"out{j}"] = f"out {j}"
+        labels[f"out{j}"] = f"out {j}\n{r}"
         G.add_edge(key if out is None else f"n{key}", f"out{j}")
     return G, labels
 

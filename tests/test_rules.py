@@ -117,3 +117,32 @@ def test_shipped_library_metadata(default_library):
     assert meta["generator"]["seed"] == 0
     assert meta["stats"]["rules"] == len(default_library) > 743
     assert meta["registry_version"]
+
+
+def test_every_rule_holds_on_fresh_seeds_and_shapes(fresh_library):
+    """Property: rules hold both ways on seeds and sizes they were not generated with."""
+    from hypothesis import given, settings, strategies as st
+
+    from graphopt.check import check_rule
+    rules = list(fresh_library)
+
+    @settings(max_examples=60, deadline=None, database=None)
+    @given(st.integers(0, len(rules) - 1), st.integers(1000, 10 ** 6))
+    def prop(index, seed):
+        assert check_rule(rules[index], seed=seed, dtypes=("float64",)) is None
+
+    prop()
+
+
+def test_check_rule_rejects_a_false_rule():
+    from graphopt.check import check_rule
+    from graphopt.rules import Rule
+    lib = RuleLibrary.from_json({"format": "graphopt-rules", "schema_version": 1, "rules": [{
+        "inputs": [{"name": "X", "shape": ["a", "b"]}, {"name": "Y", "shape": ["b", "c"]}],
+        "src": {"nodes": [{"op": "matmul", "inputs": ["X", "Y"]}, {"op": "relu", "inputs": ["%0"]}],
+                "outputs": ["%1"]},
+        "dst": {"nodes": [{"op": "relu", "inputs": ["X"]}, {"op": "matmul", "inputs": ["%0", "Y"]}],
+                "outputs": ["%1"]}}]})
+    rule = lib.rules[0]
+    assert isinstance(rule, Rule)
+    assert "differ" in check_rule(rule)
