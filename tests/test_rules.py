@@ -146,3 +146,19 @@ def test_check_rule_rejects_a_false_rule():
     rule = lib.rules[0]
     assert isinstance(rule, Rule)
     assert "differ" in check_rule(rule)
+
+
+def test_hand_written_rules_share_the_format_and_verifier():
+    from pathlib import Path
+
+    from graphopt.check import check_rule
+    path = Path(__file__).resolve().parent.parent / "substitutions" / "handwritten.json"
+    lib = load_rules(path)
+    names = {r.name for r in lib}
+    assert {"transpose-involution", "relu-idempotent"} <= names
+    for rule in lib:
+        assert rule.provenance["source"] == "hand-written"
+        assert "float" in rule.layers()
+        assert check_rule(rule, dtypes=("float32", "float64"), z3=True) is None
+    assert lib["relu-idempotent"].dst.expression() == "relu(X)"
+    assert lib["transpose-involution"].dst.outputs == ["X"]
