@@ -21,11 +21,15 @@ from .ops import get_op
 from .ops.base import FLOAT_DTYPES
 
 
+OPAQUE = "opaque"  # a node the registry does not know: carried through, never rewritten
+
+
 @dataclass(frozen=True)
 class Input:
     name: str
     shape: tuple  # of Dim
     dtype: str = "float32"
+    const: bool = False  # a parameter/buffer/literal whose value is in Graph.constants
 
     def to_json(self) -> dict:
         return {"name": self.name, "shape": [str(d) for d in self.shape], "dtype": self.dtype}
@@ -76,6 +80,8 @@ class Graph:
     inputs: list = field(default_factory=list)
     nodes: list = field(default_factory=list)
     outputs: list = field(default_factory=list)
+    constants: dict = field(default_factory=dict)   # const input name -> tensor
+    payloads: dict = field(default_factory=dict)    # opaque node index -> frontend payload
 
     # -- construction ---------------------------------------------------------------
     def add_input(self, name: str, shape, dtype: str = "float32") -> str:
@@ -85,6 +91,28 @@ class Graph:
             raise ShapeError(f"input name {name!r} is invalid or used twice")
         self.inputs.append(Input(name, shape_of(shape), dtype))
         return name
+
+    def add_external(self, name: str, shape, dtype: str, value=None) -> str:
+        """An input of a real model: any dtype; with ``value`` it is a constant
+        (a parameter, buffer or literal) that optimisation may fold."""
+        if any(i.name == name for i in self.inputs) or name.startswith("%"):
+            raise ShapeError(f"input name {name!r} is invalid or used twice")
+        self.inputs.append(Input(name, shape_of(shape), dtype, const=value is not None))
+        if value is not None:
+            self.constants[name] = value
+        return name
+
+    def add_opaque(self, payload, inputs, outs) -> str | tuple:
+        """A node the registry does not know; ``outs`` is ((shape, dtype), ...).
+        The payload (frontend-specific) says how to run and re-emit it."""
+        for r in inputs:
+            self.type_of(r)
+        idx = len(self.nodes)
+        outs = tuple((shape_of(s), dt) for s, dt in outs)
+        self.nodes.append(Node(OPAQUE, tuple(inputs), (("id", idx),), outs))
+        self.payloads[idx] = payload
+        refs = tuple(node_ref(idx, j, len(outs)) for j in range(len(outs)))
+        return refs[0] if len(refs) == 1 else refs
 
     def add(self, op: str, *inputs: str, **attrs) -> str | tuple:
         """Append an operator node; returns its output ref(s).  Validates shapes."""
@@ -152,6 +180,8 @@ class Graph:
         binding = binding or {}
         values: dict = dict(env)
         for idx, node in enumerate(self.nodes):
+            if node.op == OPAQUE:
+                raise ShapeError(f"node %{idx} is opaque: it has no {semantics} semantics")
             opdef = get_op(node.op)
             args = [values[r] for r in node.inputs]
             outs = getattr(opdef, semantics)(args, concrete_attrs(node.attrs, binding))
@@ -175,8 +205,11 @@ class Graph:
             values = dict(zip(names, tensors))
             for idx, node in enumerate(self.nodes):
                 args = [values[r] for r in node.inputs]
-                attrs = concrete_attrs(node.attrs, binding)
-                for j, v in enumerate(get_op(node.op).torch(args, attrs)):
+                if node.op == OPAQUE:
+                    outs = self.payloads[idx].run(args)
+                else:
+                    outs = get_op(node.op).torch(args, concrete_attrs(node.attrs, binding))
+                for j, v in enumerate(outs):
                     values[node_ref(idx, j, len(node.outs))] = v
             return tuple(values[r] for r in self.outputs)
 
@@ -247,6 +280,8 @@ class Graph:
 
 
 def _is_default(op: str, key: str, value) -> bool:
+    if op == OPAQUE:
+        return False
     return get_op(op).attrs[key].default == value
 
 

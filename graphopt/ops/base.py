@@ -114,6 +114,23 @@ class AttrSpec:
 
 
 @dataclass(frozen=True)
+class FxForm:
+    """One way torch.fx spells an operator.
+
+    Attributes:
+        targets: ``call_function`` targets (``torch.matmul``, ``operator.matmul``,
+            ATen overloads) and ``call_method`` names written ``"method:name"``.
+        parse: ``(args, kwargs, ctx) -> (tensor_args, attrs) | None``.  ``ctx`` has
+            ``is_tensor(a)``, ``rank(a)`` and ``out_shapes`` (concrete, from the
+            node's metadata).  A python number may stand for a scalar operand;
+            None means "this call is not this op" (the node stays opaque).
+    """
+
+    targets: tuple
+    parse: Callable
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything graphopt knows about one operator.
 
@@ -149,6 +166,7 @@ class OpDef:
     enum_attrs: Callable | None = None
     view: bool = False
     scalar_operand: int | None = None
+    fx: tuple = ()  # FxForm, ...: how torch.fx graphs (Dynamo and torch.export) spell it
 
     # -- the three semantic domains --------------------------------------------------
     def ref(self, arrays: Sequence[np.ndarray], attrs: Mapping) -> list:

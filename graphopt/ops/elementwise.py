@@ -1,10 +1,15 @@
 """Elementwise operators: add, mul, neg, relu, exp, and tensor-by-scalar mul/div."""
 from __future__ import annotations
 
+import operator
+
 import torch
 
 from ..errors import ShapeError
-from .base import OpDef, numel_int, register, same_shape
+from . import spellings as sp
+from .base import FxForm, OpDef, numel_int, register, same_shape
+
+aten = torch.ops.aten
 
 
 def _same(name):
@@ -33,6 +38,7 @@ add = register(OpDef(
     lower=lambda t, a: [t[0] + t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((operator.add, torch.add, "method:add", aten.add.Tensor), sp.binary_tensors),),
 ))
 
 mul = register(OpDef(
@@ -43,6 +49,7 @@ mul = register(OpDef(
     lower=lambda t, a: [t[0] * t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.binary_tensors),),
 ))
 
 smul = register(OpDef(
@@ -53,6 +60,7 @@ smul = register(OpDef(
     lower=lambda t, a: [t[0] * t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.tensor_by_scalar(True)),),
 ))
 
 sdiv = register(OpDef(
@@ -63,6 +71,8 @@ sdiv = register(OpDef(
     lower=lambda t, a: [t[0] / t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((operator.truediv, torch.div, torch.true_divide, "method:div", "method:true_divide",
+                aten.div.Tensor), sp.tensor_by_scalar(False)),),
 ))
 
 neg = register(OpDef(
@@ -73,6 +83,7 @@ neg = register(OpDef(
     lower=lambda t, a: [-t[0]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((operator.neg, torch.neg, "method:neg", aten.neg.default), sp.unary),),
 ))
 
 relu = register(OpDef(
@@ -83,6 +94,7 @@ relu = register(OpDef(
     lower=lambda t, a: [torch.relu(t[0])],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((torch.relu, torch.nn.functional.relu, "method:relu", aten.relu.default), sp.unary),),
 ))
 
 exp = register(OpDef(
@@ -93,4 +105,5 @@ exp = register(OpDef(
     lower=lambda t, a: [torch.exp(t[0])],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((torch.exp, "method:exp", aten.exp.default), sp.unary),),
 ))

@@ -6,7 +6,10 @@ import torch
 
 from ..dims import Dim
 from ..errors import ShapeError
-from .base import AttrSpec, OpDef, norm_axis, register
+from . import spellings as sp
+from .base import AttrSpec, FxForm, OpDef, norm_axis, register
+
+aten = torch.ops.aten
 
 
 def _concat_infer(shapes, dtypes, attrs):
@@ -31,6 +34,7 @@ concat = register(OpDef(
     lower=lambda t, a: [torch.cat([t[0], t[1]], dim=a["axis"])],
     flops=lambda ins, outs, a: 0,
     enum_attrs=lambda shapes: [{"axis": ax} for ax in (0, 1) if ax < len(shapes[0])],
+    fx=(FxForm((torch.cat, torch.concat, aten.cat.default), sp.concat),),
 ))
 
 
@@ -77,6 +81,7 @@ split = register(OpDef(
     lower=lambda t, a: list(torch.split(t[0], [a["left"], t[0].shape[a["axis"]] - a["left"]], dim=a["axis"])),
     flops=lambda ins, outs, a: 0,
     enum_attrs=_split_points,
+    fx=(FxForm((torch.split, "method:split", aten.split_with_sizes.default, aten.split.Tensor), sp.split),),
 ))
 
 
@@ -103,4 +108,6 @@ reshape = register(OpDef(
     lower=lambda t, a: [t[0].reshape(tuple(a["shape"]))],
     flops=lambda ins, outs, a: 0,
     enum_attrs=None,  # shape-changing reshapes need concrete sizes; not enumerated
+    fx=(FxForm((torch.reshape, "method:reshape", "method:view", aten.view.default, aten.reshape.default,
+                aten._unsafe_view.default), sp.reshape),),
 ))

@@ -1,21 +1,30 @@
 """Linear-algebra operators: matmul and transpose."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
+import torch
 
 from ..errors import ShapeError
-from .base import AttrSpec, OpDef, norm_axis, numel_int, register
+from . import spellings as sp
+from .base import AttrSpec, FxForm, OpDef, norm_axis, numel_int, register
+
+aten = torch.ops.aten
 
 
 def _matmul_infer(shapes, dtypes, attrs):
     a, b = shapes
     if len(a) < 2 or len(b) < 2:
         raise ShapeError(f"matmul: inputs must have rank >= 2, got ranks {len(a)} and {len(b)}")
-    if a[:-2] != b[:-2]:
-        raise ShapeError(f"matmul: batch dimensions differ: {a[:-2]} vs {b[:-2]}")
+    # batch axes: equal, or one side has none / fewer (it is broadcast, as x @ W in a model)
+    ba, bb = a[:-2], b[:-2]
+    short, long_ = (ba, bb) if len(ba) <= len(bb) else (bb, ba)
+    if short and short != long_[len(long_) - len(short):]:
+        raise ShapeError(f"matmul: batch dimensions differ: {ba} vs {bb}")
     if a[-1] != b[-2]:
         raise ShapeError(f"matmul: inner dimensions differ: {a[-1]} vs {b[-2]}")
-    return [(a[:-1] + (b[-1],), dtypes[0])]
+    return [(long_ + (a[-2], b[-1]), dtypes[0])]
 
 
 matmul = register(OpDef(
@@ -26,6 +35,8 @@ matmul = register(OpDef(
     lower=lambda t, a: [t[0] @ t[1]],
     flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[0][-1]),
     enum_attrs=lambda shapes: [{}],
+    fx=(FxForm((torch.matmul, operator.matmul, "method:matmul", aten.matmul.default, aten.mm.default,
+                aten.bmm.default), sp.binary_tensors),),
 ))
 
 
@@ -49,4 +60,7 @@ transpose = register(OpDef(
     lower=lambda t, a: [t[0].transpose(a["dim0"], a["dim1"])],
     flops=lambda ins, outs, a: 0,
     enum_attrs=lambda shapes: [{"dim0": -2, "dim1": -1}] if len(shapes[0]) >= 2 else [],
+    fx=(FxForm((torch.transpose, "method:transpose", aten.transpose.int, torch.t, "method:t", aten.t.default),
+               sp.transpose),
+        FxForm((torch.permute, "method:permute", aten.permute.default), sp.permute_as_transpose)),
 ))

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from ..dims import Dim
-from .base import AttrSpec, OpDef, norm_axis, numel_int, register
+from . import spellings as sp
+from .base import AttrSpec, FxForm, OpDef, norm_axis, numel_int, register
 
 
 def _reduce_infer(shapes, dtypes, attrs):
@@ -29,4 +31,5 @@ reduce_sum = register(OpDef(
     enum_attrs=lambda shapes: [
         {"axis": ax, "keepdim": True} for ax in range(len(shapes[0])) if shapes[0][ax] != 1
     ],
+    fx=(FxForm((torch.sum, "method:sum", torch.ops.aten.sum.dim_IntList), sp.reduce_sum),),
 ))

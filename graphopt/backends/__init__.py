@@ -1,0 +1,1 @@
+"""Backends: IR Graph -> runnable programs."""

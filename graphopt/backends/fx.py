@@ -1,0 +1,120 @@
+"""IR Graph -> torch.fx GraphModule.
+
+Registry operators are emitted as calls of :func:`run_op`, which runs the op's
+torch lowering (so torch.compile and inductor can trace through them); opaque
+nodes are re-emitted as copies of their original fx nodes.  Constants that the
+IR added (literals, folded weights) become buffers of the new module; the
+original module is never modified.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from ..dims import Dim
+from ..ir import OPAQUE, Graph, node_ref
+from ..ops import get_op
+
+
+def run_op(op_name: str, attrs: tuple, *tensors):
+    """Run a registry op on torch tensors; one output is returned bare, several as a tuple."""
+    outs = get_op(op_name).torch(tensors, dict(attrs))
+    return outs[0] if len(outs) == 1 else tuple(outs)
+
+
+def _plain(value):
+    if isinstance(value, Dim):
+        return value.const if value.is_const else str(value)
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
+    """Write an (optimised) IR graph of an imported GraphModule back as a GraphModule.
+
+    Args:
+        imp: the :class:`~graphopt.frontends.fx.FxImport` the graph came from.
+        graph: the graph to emit (default: ``imp.graph`` unchanged).
+    Returns:
+        a new, linted and recompiled GraphModule with the same call signature.
+    """
+    graph = graph if graph is not None else imp.graph
+    new = fx.Graph()
+    fx_env: dict = {}    # original fx node -> new fx node
+    ref_env: dict = {}   # IR ref -> new fx node
+    attrs: dict = {}     # get_attr target -> value, for the new module
+    by_name = {i.name: i for i in graph.inputs}
+    ref_of_name = {ref: node for node, ref in imp.ref_of.items() if isinstance(node, fx.Node)}
+
+    for ph in imp.placeholders:
+        n = new.placeholder(ph.name, type_expr=ph.type, default_value=_default(ph))
+        n.meta = dict(ph.meta)
+        fx_env[ph] = n
+        if ph in imp.ref_of:
+            ref_env[imp.ref_of[ph]] = n
+    for inp in graph.inputs:
+        if not inp.const:
+            continue
+        old = ref_of_name.get(inp.name)
+        target = old.target if old is not None and old.op == "get_attr" else f"_graphopt_{inp.name}"
+        attrs[target] = graph.constants[inp.name]
+        n = new.get_attr(target)
+        n.meta["val"] = graph.constants[inp.name]
+        ref_env[inp.name] = n
+        if old is not None:
+            fx_env[old] = n
+
+    for idx, node in enumerate(graph.nodes):
+        if node.op == OPAQUE:
+            payload = graph.payloads[idx]
+            inputs = dict(zip(payload.tensor_args, node.inputs))
+
+            def remap(a, inputs=inputs):
+                return ref_env[inputs[a]] if a in inputs else fx_env[a]
+            if payload.node.op in ("get_attr", "call_module"):
+                attrs[payload.node.target] = _fetch(imp.gm, payload.node.target)
+            n = new.node_copy(payload.node, remap)
+            fx_env[payload.node] = n
+        else:
+            concrete = tuple((k, _plain(v)) for k, v in node.attrs)
+            n = new.call_function(run_op, (node.op, concrete, *[ref_env[r] for r in node.inputs]))
+        _bind_outputs(new, n, idx, node, ref_env)
+
+    out = imp.output
+    inputs = dict(zip(out.tensor_args, graph.outputs))
+    new.node_copy(out.node, lambda a: ref_env[inputs[a]] if a in inputs else fx_env[a])
+    gm = fx.GraphModule(attrs, new, class_name="GraphoptModule")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _bind_outputs(new, n, idx, node, ref_env):
+    if len(node.outs) == 1 and not _is_tuple_valued(node):
+        ref_env[node_ref(idx, 0, 1)] = n
+        return
+    for j in range(len(node.outs)):
+        ref_env[node_ref(idx, j, len(node.outs))] = new.call_function(_getitem, (n, j))
+
+
+def _is_tuple_valued(node) -> bool:
+    return node.op != OPAQUE and len(node.outs) > 1
+
+
+def _getitem(value, index):
+    return value[index]
+
+
+def _default(ph):
+    return ph.args[0] if ph.args else fx.node.inspect.Signature.empty
+
+
+def _fetch(gm, target):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+__all__ = ["export_fx", "run_op"]

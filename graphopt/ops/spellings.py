@@ -1,0 +1,137 @@
+"""Parsers shared by the operators' torch.fx spellings (``OpDef.fx``).
+
+Each returns ``(tensor_args, attrs)`` or None.  They only look at the call's
+arguments; whether the result is valid is decided by the op's shape inference.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+aten = torch.ops.aten
+
+
+def _no_kwargs(kwargs, allowed=()) -> bool:
+    return all(k in allowed for k in kwargs)
+
+
+def unary(args, kwargs, ctx):
+    if len(args) == 1 and _no_kwargs(kwargs, ("inplace",)) and not kwargs.get("inplace", False):
+        if ctx.is_tensor(args[0]):
+            return [args[0]], {}
+    return None
+
+
+def binary_tensors(args, kwargs, ctx):
+    """``f(a, b)`` where both are tensors (``alpha=1`` tolerated for add)."""
+    if len(args) == 2 and _no_kwargs(kwargs, ("alpha",)) and kwargs.get("alpha", 1) == 1:
+        if ctx.is_tensor(args[0]) and ctx.is_tensor(args[1]):
+            return [args[0], args[1]], {}
+    return None
+
+
+def _is_scalar(a, ctx) -> bool:
+    if isinstance(a, numbers.Number) and not isinstance(a, bool):
+        return True
+    return ctx.is_tensor(a) and ctx.rank(a) == 0
+
+
+def tensor_by_scalar(commutative: bool):
+    """``x * 2.0`` (and ``2.0 * x`` when the op commutes): tensor first, scalar second."""
+    def parse(args, kwargs, ctx):
+        if len(args) != 2 or not _no_kwargs(kwargs):
+            return None
+        a, b = args
+        if ctx.is_tensor(a) and ctx.rank(a) > 0 and _is_scalar(b, ctx):
+            return [a, b], {}
+        if commutative and ctx.is_tensor(b) and ctx.rank(b) > 0 and _is_scalar(a, ctx):
+            return [b, a], {}
+        return None
+    return parse
+
+
+def transpose(args, kwargs, ctx):
+    """``x.transpose(d0, d1)`` / ``x.t()``; axes normalised to negative, smaller first."""
+    if not args or not ctx.is_tensor(args[0]) or kwargs:
+        return None
+    rank = ctx.rank(args[0])
+    if len(args) == 1:  # .t()
+        if rank != 2:
+            return None
+        d0, d1 = 0, 1
+    elif len(args) == 3 and all(isinstance(d, int) for d in args[1:]):
+        d0, d1 = args[1], args[2]
+    else:
+        return None
+    if not (-rank <= d0 < rank and -rank <= d1 < rank):
+        return None
+    d0, d1 = sorted((d0 % rank - rank, d1 % rank - rank))
+    return [args[0]], {"dim0": d0, "dim1": d1}
+
+
+def permute_as_transpose(args, kwargs, ctx):
+    """A permute that swaps exactly two axes is a transpose."""
+    if not args or not ctx.is_tensor(args[0]) or kwargs:
+        return None
+    perm = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    rank = ctx.rank(args[0])
+    if len(perm) != rank or not all(isinstance(p, int) for p in perm):
+        return None
+    perm = [p % rank for p in perm]
+    moved = [i for i, p in enumerate(perm) if p != i]
+    if len(moved) != 2 or perm[moved[0]] != moved[1]:
+        return None
+    return [args[0]], {"dim0": moved[0] - rank, "dim1": moved[1] - rank}
+
+
+def _dim_arg(args, kwargs, pos, name, default=None):
+    if len(args) > pos:
+        return args[pos]
+    return kwargs.get(name, default)
+
+
+def concat(args, kwargs, ctx):
+    tensors = args[0] if args else kwargs.get("tensors")
+    dim = _dim_arg(args, kwargs, 1, "dim", 0)
+    if not isinstance(tensors, (list, tuple)) or len(tensors) != 2 or not isinstance(dim, int):
+        return None
+    if not all(ctx.is_tensor(t) for t in tensors) or not _no_kwargs(kwargs, ("dim", "tensors")):
+        return None
+    return list(tensors), {"axis": dim % ctx.rank(tensors[0])}
+
+
+def split(args, kwargs, ctx):
+    """``torch.split(x, [s0, s1], dim)`` or an even ``split(x, s, dim)`` into two parts."""
+    if not args or not ctx.is_tensor(args[0]) or not _no_kwargs(kwargs, ("dim", "split_size_or_sections", "split_size")):
+        return None
+    sizes = _dim_arg(args, kwargs, 1, "split_size_or_sections", kwargs.get("split_size"))
+    dim = _dim_arg(args, kwargs, 2, "dim", 0)
+    if len(ctx.out_shapes) != 2 or not isinstance(dim, int):
+        return None
+    if isinstance(sizes, (list, tuple)) and len(sizes) == 2 and all(isinstance(x, int) for x in sizes):
+        left = sizes[0]
+    elif isinstance(sizes, int):
+        left = sizes
+    else:
+        return None
+    return [args[0]], {"axis": dim % ctx.rank(args[0]), "left": left}
+
+
+def reduce_sum(args, kwargs, ctx):
+    if not args or not ctx.is_tensor(args[0]) or not _no_kwargs(kwargs, ("dim", "keepdim")):
+        return None
+    dim = _dim_arg(args, kwargs, 1, "dim")
+    keepdim = _dim_arg(args, kwargs, 2, "keepdim", False)
+    if isinstance(dim, (list, tuple)) and len(dim) == 1:
+        dim = dim[0]
+    if not isinstance(dim, int) or not isinstance(keepdim, bool):
+        return None
+    return [args[0]], {"axis": dim % ctx.rank(args[0]), "keepdim": keepdim}
+
+
+def reshape(args, kwargs, ctx):
+    """``view``/``reshape`` to the node's own (concrete) output shape, -1 resolved."""
+    if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
+        return None
+    return [args[0]], {"shape": list(ctx.out_shapes[0])}
