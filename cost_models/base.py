@@ -72,8 +72,12 @@ class CostModel(ABC):
                 continue
             in_types = [graph.type_of(r) for r in node.inputs]
             dtype = in_types[0][1] if in_types else node.outs[0][1]
+            try:
+                attrs = concrete_attrs(node.attrs, {})
+            except ValueError as e:  # a symbolic attribute such as split(left=c)
+                raise GraphoptError(f"cost models need concrete sizes: {node.op}: {e}") from None
             costs.append(self.op_cost(node.op, [s for s, _ in in_types], [s for s, _ in node.outs],
-                                      dtype, concrete_attrs(node.attrs, {})))
+                                      dtype, attrs))
         return costs
 
     def graph_cost(self, graph: Graph) -> float:

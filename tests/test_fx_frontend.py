@@ -131,7 +131,7 @@ def test_getitem_of_split_maps_to_outputs():
     (lambda x: x.t(), "transpose", {"dim0": -2, "dim1": -1}),
     (lambda x: x.transpose(1, 0), "transpose", {"dim0": -2, "dim1": -1}),
     (lambda x: x.permute(1, 0), "transpose", {"dim0": -2, "dim1": -1}),
-    (lambda x: x.sum(dim=1, keepdim=True), "reduce_sum", {"axis": 1, "keepdim": True}),
+    (lambda x: x.sum(dim=1, keepdim=True), "reduce_sum", {"axis": -1, "keepdim": True}),
     (lambda x: x.view(-1), "reshape", None),
     (lambda x: 3.0 * x, "smul", {}),
     (lambda x: x / 2, "sdiv", {}),
@@ -151,4 +151,24 @@ def test_add_with_broadcast_stays_opaque():
     (gm, example), = _capture(lambda x, b: x + b, torch.randn(4, 6), torch.randn(6))
     imp = import_fx(gm)
     assert [n.op for n in imp.graph.nodes] == [OPAQUE]
+    _assert_same(export_fx(imp)(*example), gm(*example))
+
+
+def test_opaque_node_returning_a_tuple():
+    """topk is not in the registry and returns (values, indices): both stay usable."""
+    def f(x):
+        v, i = torch.topk(x, 2, dim=-1)
+        return v.neg(), i
+    (gm, example), = _capture(f, torch.randn(3, 5))
+    imp = import_fx(gm)
+    assert [n.op for n in imp.graph.nodes] == [OPAQUE, "neg"]
+    _assert_same(export_fx(imp)(*example), gm(*example))
+
+
+def test_opaque_tuple_of_one_tensor():
+    def f(x):
+        (y,) = torch.split(x, 5, dim=-1)   # one part: not the registry's two-way split
+        return y.exp()
+    (gm, example), = _capture(f, torch.randn(3, 5))
+    imp = import_fx(gm)
     _assert_same(export_fx(imp)(*example), gm(*example))

@@ -79,7 +79,8 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
         else:
             concrete = tuple((k, _plain(v)) for k, v in node.attrs)
             n = new.call_function(run_op, (node.op, concrete, *[ref_env[r] for r in node.inputs]))
-        _bind_outputs(new, n, idx, node, ref_env)
+        tuple_valued = graph.payloads[idx].tuple_valued if node.op == OPAQUE else len(node.outs) > 1
+        _bind_outputs(new, n, idx, node, ref_env, tuple_valued)
 
     out = imp.output
     inputs = dict(zip(out.tensor_args, graph.outputs))
@@ -90,16 +91,13 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
     return gm
 
 
-def _bind_outputs(new, n, idx, node, ref_env):
-    if len(node.outs) == 1 and not _is_tuple_valued(node):
-        ref_env[node_ref(idx, 0, 1)] = n
+def _bind_outputs(new, n, idx, node, ref_env, tuple_valued: bool):
+    if not tuple_valued:
+        if node.outs:
+            ref_env[node_ref(idx, 0, 1)] = n
         return
     for j in range(len(node.outs)):
         ref_env[node_ref(idx, j, len(node.outs))] = new.call_function(_getitem, (n, j))
-
-
-def _is_tuple_valued(node) -> bool:
-    return node.op != OPAQUE and len(node.outs) > 1
 
 
 def _getitem(value, index):

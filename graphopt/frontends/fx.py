@@ -36,6 +36,7 @@ class FxPayload:
 
     node: fx.Node
     tensor_args: list  # the fx nodes whose values are the IR node's inputs, in order
+    tuple_valued: bool = False  # the node returns a tuple; IR outputs are its items
 
     def run(self, args):
         raise GraphoptError(f"opaque node {self.node.name} can only run inside its GraphModule")
@@ -226,7 +227,8 @@ def _opaque(imp: FxImport, node):
     else:
         t = _tensor_type(value)
         outs = [t] if t is not None else []
-    refs = imp.graph.add_opaque(FxPayload(node, tensor_args), [imp.ref_of[a] for a in tensor_args], outs)
+    payload = FxPayload(node, tensor_args, tuple_valued=isinstance(value, (list, tuple)) and bool(outs))
+    refs = imp.graph.add_opaque(payload, [imp.ref_of[a] for a in tensor_args], outs)
     if not outs:
         return
     if isinstance(value, (list, tuple)):
