@@ -1,0 +1,430 @@
+"""Applying rules to concrete graphs: a mutable graph, a matcher and a rewriter.
+
+:class:`MGraph` is the search's working form of an IR :class:`~graphopt.ir.Graph`:
+nodes by id, each input a ``(node_id, output_index)`` value, and a consumer
+index, so a rewrite touches only the nodes it changes.
+
+A rule side is a *pattern*; a match binds every pattern input to a graph value
+and every pattern node to a graph node with the same op and attributes, with
+the pattern's symbolic sizes unified with the graph's concrete ones.  Rules use
+negative axes, so a pattern input of rank r also matches a value of higher
+rank: the extra leading axes are batch axes.  Pattern nodes whose outputs are
+not rule outputs must have no consumer outside the match.  The replacement is
+built by the op registry's shape inference; if it does not produce exactly the
+matched outputs' types the match is dropped, so a rewrite never changes a
+type.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .dims import Dim, solve
+from .errors import GraphoptError
+from .ir import OPAQUE, Graph, concrete_attrs, parse_ref
+from .ops import get_op
+
+INPUT = "input"
+
+
+@dataclass
+class MNode:
+    op: str
+    inputs: tuple            # ((node_id, out_index), ...)
+    attrs: tuple             # sorted (key, value) items, concrete
+    outs: tuple              # ((shape ints, dtype), ...)
+    name: str | None = None  # graph input name
+    payload: object = None   # opaque payload
+    const: bool = False      # a graph input whose value is known (weights, literals)
+
+
+class MGraph:
+    """A mutable graph with a consumer index."""
+
+    def __init__(self):
+        self.nodes: dict = {}
+        self.consumers: dict = {}   # value -> {(node_id, position), ...}
+        self.outputs: list = []     # values
+        self.next_id = 0
+        self._intern: dict = {}     # (op, inputs, attrs) -> node id, for registry ops
+
+    # -- building ------------------------------------------------------------------
+    def add_node(self, node: MNode, intern: bool = True) -> int:
+        key = (node.op, node.inputs, node.attrs)
+        if intern and node.op not in (INPUT, OPAQUE) and key in self._intern:
+            return self._intern[key]
+        nid = self.next_id
+        self.next_id += 1
+        self.nodes[nid] = node
+        for pos, v in enumerate(node.inputs):
+            self.consumers.setdefault(v, set()).add((nid, pos))
+        if node.op not in (INPUT, OPAQUE):
+            self._intern[key] = nid
+        return nid
+
+    @staticmethod
+    def from_graph(graph: Graph) -> tuple:
+        """Returns (MGraph, value_of) where value_of maps IR refs to values."""
+        mg = MGraph()
+        value_of = {}
+        for inp in graph.inputs:
+            shape = tuple(d.const for d in inp.shape)
+            nid = mg.add_node(MNode(INPUT, (), (), ((shape, inp.dtype),), name=inp.name, const=inp.const),
+                              intern=False)
+            value_of[inp.name] = (nid, 0)
+        for idx, n in enumerate(graph.nodes):
+            outs = tuple((tuple(d.const for d in s), dt) for s, dt in n.outs)
+            ins = tuple(value_of[r] for r in n.inputs)
+            if n.op == OPAQUE:
+                nid = mg.add_node(MNode(OPAQUE, ins, n.attrs, outs, payload=graph.payloads[idx]), intern=False)
+            else:
+                nid = mg.add_node(MNode(n.op, ins, tuple(concrete_attrs(n.attrs, {}).items()), outs))
+            for j in range(len(outs)):
+                value_of[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
+        mg.outputs = [value_of[r] for r in graph.outputs]
+        return mg, value_of
+
+    def copy(self) -> "MGraph":
+        new = MGraph()
+        new.nodes = dict(self.nodes)
+        new.consumers = {k: set(v) for k, v in self.consumers.items()}
+        new.outputs = list(self.outputs)
+        new.next_id = self.next_id
+        new._intern = dict(self._intern)
+        return new
+
+    # -- queries ----------------------------------------------------------------------
+    def type_of(self, value) -> tuple:
+        nid, j = value
+        return self.nodes[nid].outs[j]
+
+    def by_op(self, op: str) -> list:
+        return sorted(nid for nid, n in self.nodes.items() if n.op == op)
+
+    def topo_order(self) -> list:
+        """Node ids, inputs before users (stable: ties by id)."""
+        import heapq
+        indeg = {nid: len({v[0] for v in n.inputs}) for nid, n in self.nodes.items()}
+        users: dict = {}
+        for nid, n in self.nodes.items():
+            for src in {v[0] for v in n.inputs}:
+                users.setdefault(src, []).append(nid)
+        ready = [nid for nid, d in indeg.items() if d == 0]
+        heapq.heapify(ready)
+        order = []
+        while ready:
+            nid = heapq.heappop(ready)
+            order.append(nid)
+            for u in users.get(nid, ()):
+                indeg[u] -= 1
+                if indeg[u] == 0:
+                    heapq.heappush(ready, u)
+        if len(order) != len(self.nodes):
+            raise GraphoptError("internal error: the rewritten graph has a cycle")
+        return order
+
+    # -- mutation -------------------------------------------------------------------
+    def replace_uses(self, old, new) -> None:
+        for nid, pos in list(self.consumers.get(old, ())):
+            node = self.nodes[nid]
+            ins = list(node.inputs)
+            ins[pos] = new
+            self._set_inputs(nid, tuple(ins))
+        self.outputs = [new if v == old else v for v in self.outputs]
+
+    def _set_inputs(self, nid, ins):
+        node = self.nodes[nid]
+        for pos, v in enumerate(node.inputs):
+            self.consumers[v].discard((nid, pos))
+        if node.op not in (INPUT, OPAQUE) and self._intern.get((node.op, node.inputs, node.attrs)) == nid:
+            del self._intern[(node.op, node.inputs, node.attrs)]
+        self.nodes[nid] = MNode(node.op, ins, node.attrs, node.outs, node.name, node.payload, node.const)
+        for pos, v in enumerate(ins):
+            self.consumers.setdefault(v, set()).add((nid, pos))
+        if node.op not in (INPUT, OPAQUE):
+            self._intern.setdefault((node.op, ins, node.attrs), nid)
+
+    def remove_dead(self) -> int:
+        """Drop registry nodes whose outputs nobody uses; returns how many."""
+        removed = 0
+        live_outputs = set(self.outputs)
+        stack = list(self.nodes)
+        while stack:
+            nid = stack.pop()
+            node = self.nodes.get(nid)
+            if node is None or node.op in (INPUT, OPAQUE):
+                continue
+            if any(self.consumers.get((nid, j)) or (nid, j) in live_outputs for j in range(len(node.outs))):
+                continue
+            for pos, v in enumerate(node.inputs):
+                self.consumers[v].discard((nid, pos))
+                stack.append(v[0])
+            if self._intern.get((node.op, node.inputs, node.attrs)) == nid:
+                del self._intern[(node.op, node.inputs, node.attrs)]
+            del self.nodes[nid]
+            removed += 1
+        return removed
+
+    def const_nodes(self) -> set:
+        """Registry nodes computed from constants only: folded at optimisation time."""
+        const = set()
+        for nid in self.topo_order():
+            n = self.nodes[nid]
+            if (n.op == INPUT and n.const) or (n.op not in (INPUT, OPAQUE) and n.inputs
+                                                and all(v[0] in const for v in n.inputs)):
+                const.add(nid)
+        return const
+
+    def structural_hash(self) -> int:
+        memo: dict = {}
+        for nid in self.topo_order():
+            n = self.nodes[nid]
+            if n.op == INPUT:
+                memo[nid] = hash((INPUT, n.name))
+            elif n.op == OPAQUE:
+                memo[nid] = hash((OPAQUE, id(n.payload), tuple((memo[v[0]], v[1]) for v in n.inputs)))
+            else:
+                memo[nid] = hash((n.op, n.attrs, tuple((memo[v[0]], v[1]) for v in n.inputs)))
+        return hash(tuple((memo[v[0]], v[1]) for v in self.outputs))
+
+
+# -- patterns and matching ------------------------------------------------------------
+
+@dataclass
+class Pattern:
+    """One direction of a rule: match ``lhs``, replace with ``rhs``."""
+
+    rule_id: str
+    lhs: Graph
+    rhs: Graph
+    order: list = field(default_factory=list)   # lhs node indices in matching order
+    ops: frozenset = frozenset()
+
+    @staticmethod
+    def of(rule, reverse: bool = False) -> "Pattern":
+        lhs, rhs = (rule.dst, rule.src) if reverse else (rule.src, rule.dst)
+        p = Pattern(rule.id + ("-" if reverse else "+"), lhs, rhs)
+        p.ops = frozenset(n.op for n in lhs.nodes)
+        p.order = _matching_order(lhs)
+        return p
+
+
+def _matching_order(g: Graph) -> list:
+    """Start at the producer of the first output, then always a node adjacent (by a
+    tensor) to the ones already placed, so candidates come from the consumer index."""
+    if not g.nodes:
+        return []
+    first = parse_ref(g.outputs[0])[0] if parse_ref(g.outputs[0])[1] is not None else 0
+    order, placed = [first], {first}
+    while len(order) < len(g.nodes):
+        for k, n in enumerate(g.nodes):
+            if k in placed:
+                continue
+            if _adjacent(g, k, placed):
+                order.append(k)
+                placed.add(k)
+                break
+        else:
+            rest = [k for k in range(len(g.nodes)) if k not in placed]
+            order.append(rest[0])
+            placed.add(rest[0])
+    return order
+
+
+def _adjacent(g: Graph, k: int, placed: set) -> bool:
+    node = g.nodes[k]
+    mine = set(node.inputs) | {f"%{k}", *[f"%{k}.{j}" for j in range(len(node.outs))]}
+    for p in placed:
+        other = g.nodes[p]
+        theirs = set(other.inputs) | {f"%{p}", *[f"%{p}.{j}" for j in range(len(other.outs))]}
+        if mine & theirs:
+            return True
+    return False
+
+
+@dataclass
+class Match:
+    pattern: Pattern
+    nodes: dict      # lhs node index -> graph node id
+    values: dict     # lhs ref -> graph value
+    binding: dict    # symbol -> size
+    batch: tuple     # leading batch axes of the matched inputs (informational)
+
+
+def _bind_type(binding, pshape, value_shape):
+    """Unify a symbolic pattern shape with a concrete one (extra leading axes allowed)."""
+    extra = len(value_shape) - len(pshape)
+    if extra < 0:
+        return None
+    solved = solve(list(zip(pshape, value_shape[extra:])), binding)
+    if solved is None or solved[1]:
+        return None
+    return solved[0]
+
+
+def find_matches(mg: MGraph, pattern: Pattern, limit: int | None = None) -> list:
+    """All matches of the pattern in the graph (deterministic order)."""
+    lhs = pattern.lhs
+    if not lhs.nodes:
+        return []
+    out = []
+    first = pattern.order[0]
+    for nid in mg.by_op(lhs.nodes[first].op):
+        for m in _extend(mg, pattern, 0, {first: nid}, {}, {}):
+            out.append(m)
+            if limit and len(out) >= limit:
+                return out
+    return out
+
+
+def _extend(mg, pattern, step, nodes, values, binding):
+    lhs = pattern.lhs
+    k = pattern.order[step]
+    gid = nodes[k]
+    pnode, gnode = lhs.nodes[k], mg.nodes[gid]
+    if gnode.op != pnode.op or len(gnode.inputs) != len(pnode.inputs):
+        return
+    # attributes: equal, symbolic sizes unified
+    binding = dict(binding)
+    for (pk, pv), (gk, gv) in zip(pnode.attrs, gnode.attrs):
+        if pk != gk:
+            return
+        if isinstance(pv, Dim):
+            solved = solve([(pv, gv)], binding)
+            if solved is None or solved[1]:
+                return
+            binding = solved[0]
+        elif pv != gv:
+            return
+    values = dict(values)
+    # outputs of this node
+    for j in range(len(pnode.outs)):
+        ref = f"%{k}.{j}" if len(pnode.outs) > 1 else f"%{k}"
+        v = (gid, j)
+        if values.get(ref, v) != v:
+            return
+        values[ref] = v
+    # inputs
+    for pref, gval in zip(pnode.inputs, gnode.inputs):
+        key, out = parse_ref(pref)
+        if values.get(pref, gval) != gval:
+            return
+        if out is None:  # a pattern input: bind its shape
+            pin = next(i for i in lhs.inputs if i.name == key)
+            shape, dtype = mg.type_of(gval)
+            if not dtype.startswith(("float", "bfloat")):
+                return  # rules are about real arithmetic: any float dtype, nothing else
+            b = _bind_type(binding, pin.shape, shape)
+            if b is None:
+                return
+            binding = b
+        elif key in nodes and nodes[key] != gval[0]:
+            return
+        values[pref] = gval
+    if step + 1 == len(pattern.order):
+        if _closed(mg, pattern, nodes, values):
+            yield Match(pattern, dict(nodes), values, binding, ())
+        return
+    nxt = pattern.order[step + 1]
+    for cand in _candidates(mg, lhs, nxt, values, nodes):
+        if cand in nodes.values():
+            continue
+        nodes[nxt] = cand
+        yield from _extend(mg, pattern, step + 1, nodes, values, binding)
+        del nodes[nxt]
+
+
+def _candidates(mg, lhs, k, values, nodes) -> list:
+    """Graph nodes that could be lhs node k, found through already-bound values."""
+    pnode = lhs.nodes[k]
+    found = set()
+    for j in range(len(pnode.outs)):  # something already matched consumes this node
+        ref = f"%{k}.{j}" if len(pnode.outs) > 1 else f"%{k}"
+        if ref in values:
+            found.add(values[ref][0])
+    for pos, pref in enumerate(pnode.inputs):  # this node consumes a bound value
+        if pref in values:
+            found |= {nid for nid, p in mg.consumers.get(values[pref], ()) if p == pos}
+    if not found:
+        return mg.by_op(pnode.op)
+    return sorted(n for n in found if mg.nodes[n].op == pnode.op)
+
+
+def _closed(mg, pattern, nodes, values) -> bool:
+    """Values produced inside the match and not rule outputs must not escape it."""
+    lhs = pattern.lhs
+    inside = set(nodes.values())
+    outputs = {values[r] for r in lhs.outputs}
+    for k, gid in nodes.items():
+        for j in range(len(lhs.nodes[k].outs)):
+            v = (gid, j)
+            if v in outputs:
+                continue
+            if v in mg.outputs or any(c not in inside for c, _ in mg.consumers.get(v, ())):
+                return False
+    # a rule input bound to a value computed inside the match would make a cycle
+    for inp in lhs.inputs:
+        v = values.get(inp.name)
+        if v is not None and v[0] in inside:
+            return False
+    return True
+
+
+def apply_match(mg: MGraph, match: Match) -> MGraph | None:
+    """A new graph with the match replaced by the rule's other side, or None if the
+    replacement does not reproduce the matched outputs' types."""
+    p = match.pattern
+    new = mg.copy()
+    env = {}
+    for inp in p.rhs.inputs:
+        if inp.name not in match.values:
+            return None  # an input the matched side does not use: cannot bind it
+        env[inp.name] = match.values[inp.name]
+    for idx, node in enumerate(p.rhs.nodes):
+        opdef = get_op(node.op)
+        attrs = concrete_attrs(node.attrs, match.binding)
+        ins = tuple(env[r] for r in node.inputs)
+        shapes = [tuple(Dim.of(d) for d in new.type_of(v)[0]) for v in ins]
+        dtypes = [new.type_of(v)[1] for v in ins]
+        try:
+            full = opdef.full_attrs(attrs)
+            outs = opdef.infer_checked(shapes, dtypes, full)
+        except GraphoptError:
+            return None
+        outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
+        concrete = tuple(sorted(concrete_attrs(tuple(full.items()), {}).items()))
+        nid = new.add_node(MNode(node.op, ins, concrete, outs))
+        for j in range(len(outs)):
+            env[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
+    for lref, rref in zip(p.lhs.outputs, p.rhs.outputs):
+        old, repl = match.values[lref], env[rref]
+        if new.type_of(old) != new.type_of(repl):
+            return None
+        if old != repl:
+            new.replace_uses(old, repl)
+    new.remove_dead()
+    return new
+
+
+def to_graph(mg: MGraph, template: Graph) -> Graph:
+    """Write an MGraph back as an IR Graph (inputs, constants and payloads from the template)."""
+    g = Graph(constants=dict(template.constants))
+    ref = {}
+    for inp in template.inputs:
+        g.inputs.append(inp)
+    for nid in mg.topo_order():
+        n = mg.nodes[nid]
+        if n.op == INPUT:
+            ref[(nid, 0)] = n.name
+            continue
+        ins = [ref[v] for v in n.inputs]
+        if n.op == OPAQUE:
+            out = g.add_opaque(n.payload, ins, n.outs)
+        else:
+            out = g.add(n.op, *ins, **dict(n.attrs))
+        for j, r in enumerate(out if isinstance(out, tuple) else (out,)):
+            ref[(nid, j)] = r
+    g.outputs = [ref[v] for v in mg.outputs]
+    return g
+
+
+__all__ = ["MGraph", "MNode", "Pattern", "Match", "find_matches", "apply_match", "to_graph"]
