@@ -11,6 +11,9 @@ __version__ = "0.1.0"
 from .errors import GraphoptError, RuleFormatError, ShapeError, UnknownOpError  # noqa: E402
 from .ir import Graph  # noqa: E402
 from .rules import Rule, RuleLibrary, load_rules  # noqa: E402
+from .optimize import OptimizedModule, Report, optimize, register as _register  # noqa: E402
 
-__all__ = ["load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
+_register()  # torch.compile(model, backend="graphopt")
+
+__all__ = ["optimize", "OptimizedModule", "Report", "load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
            "ShapeError", "UnknownOpError", "__version__"]

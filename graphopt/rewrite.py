@@ -405,15 +405,56 @@ def apply_match(mg: MGraph, match: Match) -> MGraph | None:
     return new
 
 
-def to_graph(mg: MGraph, template: Graph) -> Graph:
-    """Write an MGraph back as an IR Graph (inputs, constants and payloads from the template)."""
+def fold_constants(mg: MGraph, constants: dict) -> tuple:
+    """Compute every registry node whose inputs are all constants once, now.
+
+    Args:
+        mg: the graph (not modified).
+        constants: value of each constant input, by name (torch tensors).
+    Returns:
+        (new graph, {name: tensor} of the folded values it reads as constant inputs).
+    """
+    from .backends.fx import run_op
+    const = mg.const_nodes()
+    values: dict = {}
+    folded: dict = {}
+    new = mg.copy()
+    for nid in mg.topo_order():
+        n = mg.nodes[nid]
+        if nid not in const:
+            continue
+        if n.op == INPUT:
+            values[(nid, 0)] = constants[n.name]
+            continue
+        out = run_op(n.op, n.attrs, *[values[v] for v in n.inputs])
+        outs = out if isinstance(out, tuple) else (out,)
+        for j, t in enumerate(outs):
+            values[(nid, j)] = t
+            v = (nid, j)
+            used_outside = any(c not in const for c, _ in mg.consumers.get(v, ())) or v in mg.outputs
+            if used_outside:
+                name = f"_folded_{nid}_{j}"
+                folded[name] = t.detach().contiguous()
+                fid = new.add_node(MNode(INPUT, (), (), (n.outs[j],), name=name, const=True), intern=False)
+                new.replace_uses(v, (fid, 0))
+    new.remove_dead()
+    return new, folded
+
+
+def to_graph(mg: MGraph, template: Graph, extra_constants: dict | None = None) -> Graph:
+    """Write an MGraph back as an IR Graph (inputs, constants and payloads from the template;
+    constant inputs the search added, e.g. folded weights, from ``extra_constants``)."""
     g = Graph(constants=dict(template.constants))
     ref = {}
     for inp in template.inputs:
         g.inputs.append(inp)
+    known = {i.name for i in template.inputs}
     for nid in mg.topo_order():
         n = mg.nodes[nid]
         if n.op == INPUT:
+            if n.name not in known:
+                shape, dtype = n.outs[0]
+                g.add_external(n.name, shape, dtype, value=(extra_constants or {})[n.name])
             ref[(nid, 0)] = n.name
             continue
         ins = [ref[v] for v in n.inputs]

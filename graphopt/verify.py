@@ -53,12 +53,15 @@ def instantiations(symbols, count: int, seed: int = 0) -> list:
     return out
 
 
-def random_inputs(graph: Graph, binding: dict, seed: int, dtype=np.float64) -> dict:
-    """Inputs of both signs and no zeros; scalars are kept away from 0 (they divide)."""
+def random_inputs(graph: Graph, binding: dict, seed: int, dtype=np.float64, batch: int | None = None) -> dict:
+    """Inputs of both signs and no zeros; scalars are kept away from 0 (they divide).
+    With ``batch``, every tensor input gets an extra leading axis of that size."""
     rng = np.random.default_rng(seed)
     env = {}
     for inp in graph.inputs:
         shape = evaluate_shape(inp.shape, binding)
+        if batch and shape:
+            shape = (batch,) + shape
         if shape == ():
             env[inp.name] = np.array(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0), dtype=dtype)
         else:
@@ -82,15 +85,22 @@ class FloatPlan:
 
     seeds: tuple = (1, 2, 3)
     shapes: int = 2
+    # one more case with a leading batch axis on every tensor input: rules use negative
+    # axes, so they must also hold on batched tensors (LLM activations are 3-D/4-D)
+    batch: int = 3
 
     def cases(self, graph: Graph) -> list:
+        """(binding, seed, batch) triples: seeds x shape instantiations, plus one batched case."""
         bindings = instantiations(graph_symbols(graph), self.shapes)
-        return [(b, s) for b in bindings for s in self.seeds]
+        out = [(b, s, None) for b in bindings for s in self.seeds]
+        if self.batch:
+            out.append((bindings[-1], self.seeds[0] + 1000, self.batch))
+        return out
 
 
 def float_outputs(graph: Graph, cases) -> list:
-    """Reference outputs of a graph for each (binding, seed) case."""
-    return [graph.evaluate(random_inputs(graph, b, s), "ref", b) for b, s in cases]
+    """Reference outputs of a graph for each (binding, seed, batch) case."""
+    return [graph.evaluate(random_inputs(graph, b, s, batch=n), "ref", b) for b, s, n in cases]
 
 
 def same_outputs(outs_a: list, outs_b: list, dtype: str = "float64") -> bool:

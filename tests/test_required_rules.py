@@ -45,8 +45,8 @@ REQUIRED = {
     "two matmuls sharing X = one matmul with concatenated weights + split (TASO Fig. b)": _pair(
         XYZ,
         lambda g: [g.add("matmul", "X", "Y"), g.add("matmul", "X", "Z")],
-        lambda g: list(g.add("split", g.add("matmul", "X", g.add("concat", "Y", "Z", axis=1)),
-                             axis=1, left="c"))),
+        lambda g: list(g.add("split", g.add("matmul", "X", g.add("concat", "Y", "Z", axis=-1)),
+                             axis=-1, left="c"))),
     "transpose(A@B) = transpose(B)@transpose(A)": _pair(
         XY,
         lambda g: g.add("transpose", g.add("matmul", "X", "Y")),
@@ -59,22 +59,22 @@ REQUIRED = {
         XYs,
         lambda g: g.add("smul", g.add("matmul", "X", "Y"), "s"),
         lambda g: g.add("matmul", g.add("smul", "X", "s"), "Y")),
-    "relu commutes with concat (axis 0)": _pair(
+    "relu commutes with concat (axis -2)": _pair(
         YZ,
-        lambda g: g.add("relu", g.add("concat", "Y", "Z", axis=0)),
-        lambda g: g.add("concat", g.add("relu", "Y"), g.add("relu", "Z"), axis=0)),
-    "relu commutes with concat (axis 1)": _pair(
+        lambda g: g.add("relu", g.add("concat", "Y", "Z", axis=-2)),
+        lambda g: g.add("concat", g.add("relu", "Y"), g.add("relu", "Z"), axis=-2)),
+    "relu commutes with concat (axis -1)": _pair(
         YZ,
-        lambda g: g.add("relu", g.add("concat", "Y", "Z", axis=1)),
-        lambda g: g.add("concat", g.add("relu", "Y"), g.add("relu", "Z"), axis=1)),
+        lambda g: g.add("relu", g.add("concat", "Y", "Z", axis=-1)),
+        lambda g: g.add("concat", g.add("relu", "Y"), g.add("relu", "Z"), axis=-1)),
     "relu commutes with split": _pair(
         [("V", ["b", "c+d"])],
-        lambda g: list(g.add("split", g.add("relu", "V"), axis=1, left="c")),
-        lambda g: [g.add("relu", s) for s in g.add("split", "V", axis=1, left="c")]),
+        lambda g: list(g.add("split", g.add("relu", "V"), axis=-1, left="c")),
+        lambda g: [g.add("relu", s) for s in g.add("split", "V", axis=-1, left="c")]),
     "matmul then split = split the (fused) weight, then two matmuls": _pair(
         [("X", ["a", "b"]), ("V", ["b", "c+d"])],
-        lambda g: list(g.add("split", g.add("matmul", "X", "V"), axis=1, left="c")),
-        lambda g: [g.add("matmul", "X", s) for s in g.add("split", "V", axis=1, left="c")]),
+        lambda g: list(g.add("split", g.add("matmul", "X", "V"), axis=-1, left="c")),
+        lambda g: [g.add("matmul", "X", s) for s in g.add("split", "V", axis=-1, left="c")]),
 }
 
 

@@ -93,7 +93,7 @@ class _Ctx:
         return len(self.imp.graph.type_of(self.imp.ref_of[a])[0])
 
 
-def import_fx(gm: fx.GraphModule, example_inputs=None) -> FxImport:
+def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> FxImport:
     """Import a GraphModule into an IR Graph (the module itself is not modified).
 
     Args:
@@ -101,6 +101,8 @@ def import_fx(gm: fx.GraphModule, example_inputs=None) -> FxImport:
             metadata is missing, ``example_inputs`` are propagated through it with
             fake tensors first.
         example_inputs: the placeholder values (only needed without metadata).
+        constant_inputs: placeholder node -> tensor, for placeholders whose value is
+            known (the weights Dynamo lifts to inputs); they become constants.
     Returns:
         an :class:`FxImport` with the IR graph and what the backend needs.
     """
@@ -116,7 +118,9 @@ def import_fx(gm: fx.GraphModule, example_inputs=None) -> FxImport:
             imp.placeholders.append(node)
             t = _tensor_type(_meta_value(node))
             if t is not None:
-                imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1])
+                value = (constant_inputs or {}).get(node)
+                imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
+                                                  value=None if value is None else value.detach())
         elif node.op == "get_attr":
             value = _fetch_attr(gm, node.target)
             t = _tensor_type(value)
@@ -130,6 +134,8 @@ def import_fx(gm: fx.GraphModule, example_inputs=None) -> FxImport:
             g.outputs = [imp.ref_of[a] for a in args]
         elif node.op == "call_function" and node.target is operator.getitem and _getitem(imp, node):
             pass
+        elif node.op == "call_function" and _composite(imp, node):
+            imp.counts["ops"] += 1
         elif node.op in ("call_function", "call_method") and _registry_op(imp, node, spell, names):
             imp.counts["ops"] += 1
         else:
@@ -215,6 +221,35 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
                 imp.ref_of[node] = out_refs[0]
             return True
     return False
+
+
+def _composite(imp: FxImport, node) -> bool:
+    """A call that is several registry ops (see ``ops.composites``)."""
+    from ..ops.composites import COMPOSITES
+    try:
+        fn = COMPOSITES.get(node.target)
+    except TypeError:
+        return False
+    types = [_tensor_type(_meta_value(node))]
+    if fn is None or types[0] is None:
+        return False
+    steps = fn(node.args, dict(node.kwargs), _Ctx(imp, [types[0][0]]))
+    if not steps:
+        return False
+    g, mark, refs = imp.graph, len(imp.graph.nodes), []
+    try:
+        for op, inputs, attrs in steps:
+            args = [refs[a[1]] if isinstance(a, tuple) else imp.ref_of[a] for a in inputs]
+            refs.append(g.add(op, *args, **attrs))
+    except GraphoptError:
+        del g.nodes[mark:]
+        return False
+    got = g.type_of(refs[-1])
+    if (tuple(d.const for d in got[0]), got[1]) != tuple(types[0]):
+        del g.nodes[mark:]
+        return False
+    imp.ref_of[node] = refs[-1]
+    return True
 
 
 def _opaque(imp: FxImport, node):

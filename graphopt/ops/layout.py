@@ -33,7 +33,8 @@ concat = register(OpDef(
     compute=lambda dom, x, a: [np.concatenate([x[0], x[1]], axis=a["axis"])],
     lower=lambda t, a: [torch.cat([t[0], t[1]], dim=a["axis"])],
     flops=lambda ins, outs, a: 0,
-    enum_attrs=lambda shapes: [{"axis": ax} for ax in (0, 1) if ax < len(shapes[0])],
+    # negative axes: a rule then also holds with leading batch axes
+    enum_attrs=lambda shapes: [{"axis": ax} for ax in (-2, -1) if -ax <= len(shapes[0])],
     fx=(FxForm((torch.cat, torch.concat, aten.cat.default), sp.concat),),
 ))
 
@@ -55,8 +56,8 @@ def _split_points(shapes):
     tensors.  A symbolic dimension such as ``b+c`` or ``2c`` remembers that it is a
     sum, so every proper part of it (``b``, ``c``) is a split point."""
     out = []
-    for ax in (0, 1):
-        if ax >= len(shapes[0]):
+    for ax in (-2, -1):
+        if -ax > len(shapes[0]):
             continue
         d = shapes[0][ax]
         for left in _proper_parts(d):

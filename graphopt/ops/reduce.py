@@ -29,7 +29,7 @@ reduce_sum = register(OpDef(
     lower=lambda t, a: [t[0].sum(dim=a["axis"], keepdim=a["keepdim"])],
     flops=lambda ins, outs, a: numel_int(ins[0]),
     enum_attrs=lambda shapes: [
-        {"axis": ax, "keepdim": True} for ax in range(len(shapes[0])) if shapes[0][ax] != 1
+        {"axis": ax, "keepdim": True} for ax in range(-len(shapes[0]), 0) if shapes[0][ax] != 1
     ],
     fx=(FxForm((torch.sum, "method:sum", torch.ops.aten.sum.dim_IntList), sp.reduce_sum),),
 ))

@@ -85,6 +85,11 @@ def permute_as_transpose(args, kwargs, ctx):
     return [args[0]], {"dim0": moved[0] - rank, "dim1": moved[1] - rank}
 
 
+def _neg(axis: int, rank: int) -> int:
+    """Axes are kept negative, as in generated rules (which then hold with batch axes)."""
+    return axis % rank - rank
+
+
 def _dim_arg(args, kwargs, pos, name, default=None):
     if len(args) > pos:
         return args[pos]
@@ -98,7 +103,7 @@ def concat(args, kwargs, ctx):
         return None
     if not all(ctx.is_tensor(t) for t in tensors) or not _no_kwargs(kwargs, ("dim", "tensors")):
         return None
-    return list(tensors), {"axis": dim % ctx.rank(tensors[0])}
+    return list(tensors), {"axis": _neg(dim, ctx.rank(tensors[0]))}
 
 
 def split(args, kwargs, ctx):
@@ -115,7 +120,7 @@ def split(args, kwargs, ctx):
         left = sizes
     else:
         return None
-    return [args[0]], {"axis": dim % ctx.rank(args[0]), "left": left}
+    return [args[0]], {"axis": _neg(dim, ctx.rank(args[0])), "left": left}
 
 
 def reduce_sum(args, kwargs, ctx):
@@ -127,7 +132,7 @@ def reduce_sum(args, kwargs, ctx):
         dim = dim[0]
     if not isinstance(dim, int) or not isinstance(keepdim, bool):
         return None
-    return [args[0]], {"axis": dim % ctx.rank(args[0]), "keepdim": keepdim}
+    return [args[0]], {"axis": _neg(dim, ctx.rank(args[0])), "keepdim": keepdim}
 
 
 def reshape(args, kwargs, ctx):

@@ -1,0 +1,344 @@
+"""``graphopt.optimize`` and the ``"graphopt"`` torch.compile backend.
+
+Per captured graph (Dynamo hands one per graph break): import it into the IR
+(unknown ops stay opaque), run the cost-guided search with the rule
+libraries, fold constant-only subgraphs (e.g. a concatenated weight after a
+merge), write the result back as a GraphModule and, with ``verify`` (the
+default), compare it with the original on the example inputs and on fresh
+random inputs of the same shapes.  On any mismatch or error the original graph
+is used and the report says why: the optimizer never returns a module that
+computes something else.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import GraphoptError
+from .verify import TOLERANCES
+
+
+@dataclass
+class Options:
+    rules: tuple = ("default", "handwritten")   # library paths, or the names of shipped ones
+    cost_model: str = "roofline"
+    device: str | None = None                   # cost-model device; default: where the inputs live
+    alpha: float = 1.05
+    budget: int = 100
+    time_limit: float = 10.0
+    verify: bool = True
+    verify_trials: int = 2
+    inductor: bool = False                      # hand the result on to inductor
+    seed: int = 0
+
+    @staticmethod
+    def of(options) -> "Options":
+        if isinstance(options, Options):
+            return options
+        opts = Options()
+        for k, v in dict(options or {}).items():
+            if not hasattr(opts, k):
+                raise GraphoptError(f"unknown graphopt option {k!r} (known: {', '.join(opts.__dataclass_fields__)})")
+            setattr(opts, k, v)
+        if opts.alpha < 1.0:
+            raise GraphoptError(f"alpha must be >= 1.0, got {opts.alpha}")
+        if opts.budget < 0 or opts.time_limit < 0:
+            raise GraphoptError("budget and time_limit must be >= 0")
+        return opts
+
+
+@dataclass
+class GraphReport:
+    nodes: int = 0
+    ops: int = 0
+    opaque: int = 0
+    cost_before: float = 0.0
+    cost_after: float = 0.0
+    applied: Counter = field(default_factory=Counter)
+    search_seconds: float = 0.0
+    folded: int = 0
+    max_abs_diff: float = 0.0
+    fallback: str | None = None
+
+
+@dataclass
+class Report:
+    """What graphopt did: per captured graph, and in total."""
+
+    graphs: list = field(default_factory=list)
+
+    @property
+    def applied(self) -> Counter:
+        total = Counter()
+        for g in self.graphs:
+            if not g.fallback:
+                total.update(g.applied)
+        return total
+
+    @property
+    def cost_before(self) -> float:
+        return sum(g.cost_before for g in self.graphs)
+
+    @property
+    def cost_after(self) -> float:
+        return sum(g.cost_before if g.fallback else g.cost_after for g in self.graphs)
+
+    @property
+    def search_seconds(self) -> float:
+        return sum(g.search_seconds for g in self.graphs)
+
+    @property
+    def fallbacks(self) -> list:
+        return [g.fallback for g in self.graphs if g.fallback]
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((g.max_abs_diff for g in self.graphs), default=0.0)
+
+    def to_json(self) -> dict:
+        return {
+            "graphs": len(self.graphs),
+            "ops": sum(g.ops for g in self.graphs),
+            "opaque": sum(g.opaque for g in self.graphs),
+            "rules_applied": dict(sorted(self.applied.items())),
+            "cost_before_s": self.cost_before,
+            "cost_after_s": self.cost_after,
+            "search_seconds": round(self.search_seconds, 3),
+            "folded_constants": sum(g.folded for g in self.graphs),
+            "max_abs_diff": self.max_abs_diff,
+            "fallbacks": self.fallbacks,
+        }
+
+    def __str__(self) -> str:
+        j = self.to_json()
+        lines = [f"graphopt: {j['graphs']} graph(s), {j['ops']} ops modelled, {j['opaque']} opaque",
+                 f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
+                 f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
+        if j["rules_applied"]:
+            lines.append("  rules applied  " + ", ".join(f"{k} x{v}" for k, v in j["rules_applied"].items()))
+        else:
+            lines.append("  rules applied  none")
+        lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
+        for f in j["fallbacks"]:
+            lines.append(f"  FALLBACK       {f}")
+        return "\n".join(lines)
+
+
+_PATTERN_CACHE: dict = {}
+
+
+def _patterns(rule_sources) -> list:
+    from .rules import DEFAULT_LIBRARY, load_rules
+    from .search import compile_patterns
+    key = tuple(str(s) for s in rule_sources)
+    if key not in _PATTERN_CACHE:
+        rules = []
+        for src in rule_sources:
+            if hasattr(src, "rules"):
+                rules.extend(src.rules)
+                continue
+            path = DEFAULT_LIBRARY.parent / f"{src}.json" if src in ("default", "handwritten") else src
+            rules.extend(load_rules(path).rules)
+        _PATTERN_CACHE[key] = compile_patterns(rules)
+    return _PATTERN_CACHE[key]
+
+
+def _cost_model(opts: Options, example_inputs):
+    from cost_models import get_cost_model
+    device = opts.device
+    if device is None:
+        dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+        device = "cpu" if dev.type == "cpu" else _gpu_name()
+    return get_cost_model(opts.cost_model, device=device)
+
+
+def _gpu_name() -> str:
+    name = torch.cuda.get_device_name().lower()
+    for key in ("h200", "h100", "a100"):
+        if key in name:
+            return key
+    return "h100"
+
+
+class Backend:
+    """A torch.compile backend that optimises each captured graph; keeps the reports."""
+
+    def __init__(self, options=None):
+        self.options = Options.of(options)
+        self.report = Report()
+
+    def __call__(self, gm, example_inputs, **kwargs):
+        opts = self.options if not kwargs.get("options") else Options.of(kwargs["options"])
+        out, rep = optimize_graph_module(gm, example_inputs, opts)
+        self.report.graphs.append(rep)
+        if opts.inductor:
+            from torch._inductor.compile_fx import compile_fx
+            return compile_fx(out, example_inputs)
+        return out
+
+
+def optimize_graph_module(gm, example_inputs, opts: Options):
+    """Optimise one captured GraphModule; returns (module to run, GraphReport)."""
+    from .backends.fx import export_fx
+    from .frontends.fx import import_fx
+    from .rewrite import MGraph, fold_constants, to_graph
+    from .search import GraphCost, search
+
+    rep = GraphReport()
+    try:
+        imp = import_fx(gm, example_inputs, constant_inputs=_parameters(gm, example_inputs))
+        rep.nodes = len(imp.graph.nodes)
+        rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
+        mg, _ = MGraph.from_graph(imp.graph)
+        cost_model = _cost_model(opts, example_inputs)
+        res = search(mg, _patterns(opts.rules), cost_model, alpha=opts.alpha, budget=opts.budget,
+                     time_limit=opts.time_limit)
+        rep.cost_before, rep.cost_after = res.initial_cost, res.cost
+        rep.applied, rep.search_seconds = res.applied, res.seconds
+        if not res.applied:
+            return gm, rep
+        folded_graph, folded = fold_constants(res.graph, imp.graph.constants)
+        rep.folded = len(folded)
+        new_gm = export_fx(imp, to_graph(folded_graph, imp.graph, folded))
+        rep.cost_after = GraphCost(cost_model)(folded_graph)
+    except Exception as e:  # never crash the user's model: keep the original graph
+        rep.fallback = f"optimisation failed ({type(e).__name__}: {e}); original graph kept"
+        rep.cost_after = rep.cost_before
+        if not isinstance(e, GraphoptError):
+            rep.fallback += " [" + traceback.format_exc(limit=1).strip().splitlines()[-1] + "]"
+        return gm, rep
+    if opts.verify:
+        ok, diff, why = _verify(gm, new_gm, example_inputs, opts)
+        rep.max_abs_diff = diff
+        if not ok:
+            rep.fallback = f"verification failed: {why}; original graph kept"
+            return gm, rep
+    return new_gm, rep
+
+
+def _parameters(gm, example_inputs) -> dict:
+    """Placeholders fed by nn.Parameters (Dynamo lifts a module's weights to inputs):
+    their values are known, so subgraphs of weights only can be precomputed."""
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {ph: t for ph, t in zip(phs, example_inputs) if isinstance(t, torch.nn.Parameter)}
+
+
+def _verify(original, optimized, example_inputs, opts: Options):
+    """Compare on the example inputs and on fresh random float inputs of the same shapes."""
+    gen = torch.Generator().manual_seed(opts.seed)
+    trials = [list(example_inputs)]
+    for _ in range(opts.verify_trials):
+        fresh = []
+        for t in example_inputs:
+            if isinstance(t, torch.Tensor) and t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
+                r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
+                fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0) + 0.0)
+            else:
+                fresh.append(t)
+        trials.append(fresh)
+    worst = 0.0
+    with torch.no_grad():
+        for args in trials:
+            try:
+                a, b = original(*args), optimized(*args)
+            except Exception as e:
+                return False, float("inf"), f"the optimised graph raised {type(e).__name__}: {e}"
+            fa, fb = _flatten(a), _flatten(b)
+            if len(fa) != len(fb):
+                return False, float("inf"), "different number of outputs"
+            for x, y in zip(fa, fb):
+                if not isinstance(x, torch.Tensor):
+                    if x != y:
+                        return False, float("inf"), "a non-tensor output differs"
+                    continue
+                if x.shape != y.shape or x.dtype != y.dtype:
+                    return False, float("inf"), f"output type {tuple(y.shape)} {y.dtype} != {tuple(x.shape)} {x.dtype}"
+                if not x.is_floating_point():
+                    if not torch.equal(x, y):
+                        return False, float("inf"), "an integer output differs"
+                    continue
+                diff = (x.double() - y.double()).abs()
+                d = float(diff.max()) if diff.numel() else 0.0
+                worst = max(worst, d)
+                rtol, atol = TOLERANCES.get(str(x.dtype).replace("torch.", ""), TOLERANCES["float32"])
+                scale = max(1.0, float(x.double().abs().max()) if x.numel() else 0.0)
+                if not torch.isfinite(y).all() and torch.isfinite(x).all():
+                    return False, worst, "non-finite values appeared"
+                if d > atol * scale + rtol * scale:
+                    return False, worst, f"max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
+    return True, worst, None
+
+
+def _flatten(x) -> list:
+    if isinstance(x, (list, tuple)):
+        return [y for item in x for y in _flatten(item)]
+    if isinstance(x, dict):
+        return [y for k in sorted(x) for y in _flatten(x[k])]
+    return [x]
+
+
+class OptimizedModule(torch.nn.Module):
+    """The optimised model: same call signature, and ``.report``."""
+
+    def __init__(self, model, compiled, backend: Backend):
+        super().__init__()
+        self._original = [model]    # a list: not registered as a submodule twice
+        self._compiled = compiled
+        self._backend = backend
+
+    @property
+    def report(self) -> Report:
+        return self._backend.report
+
+    def forward(self, *args, **kwargs):
+        return self._compiled(*args, **kwargs)
+
+
+def optimize(model, example_inputs, **options) -> OptimizedModule:
+    """Optimise a torch module (or function) for the given example inputs.
+
+    Args:
+        model: an ``nn.Module`` or callable; it is not modified.
+        example_inputs: a tuple of positional inputs (a single tensor is accepted).
+        **options: see :class:`Options` (``rules``, ``cost_model``, ``alpha``,
+            ``budget``, ``time_limit``, ``verify``, ``inductor``, ``seed``).
+    Returns:
+        a module with the same call signature whose ``.report`` says which rules
+        were applied, the cost before and after, and the search time.
+
+    Example:
+        >>> fast = graphopt.optimize(model, (x,))
+        >>> y = fast(x)
+        >>> print(fast.report)
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    backend = Backend(options)
+    compiled = torch.compile(model, backend=backend, dynamic=False)
+    start = time.monotonic()
+    with torch.no_grad():
+        compiled(*example_inputs)   # capture and optimise now, not at the first user call
+    backend.report.total_seconds = time.monotonic() - start
+    return OptimizedModule(model, compiled, backend)
+
+
+def graphopt_backend(gm, example_inputs, options=None):
+    """The function registered as ``torch.compile(backend="graphopt")``."""
+    backend = Backend(options)
+    out = backend(gm, example_inputs)
+    LAST_REPORTS.append(backend.report)
+    del LAST_REPORTS[:-16]
+    return out
+
+
+LAST_REPORTS: list = []   # reports of recent torch.compile(backend="graphopt") graphs
+
+
+def register() -> None:
+    from torch._dynamo import list_backends, register_backend
+    if "graphopt" not in list_backends(exclude_tags=()):
+        register_backend(graphopt_backend, name="graphopt")
