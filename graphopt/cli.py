@@ -117,6 +117,109 @@ def _cmd_rules_verify(args) -> int:
     return 1 if report.failures else 0
 
 
+def _load_model(spec: str, args):
+    """A built-in example name or ``path/to/file.py:factory``; returns (model, inputs)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from .models import EXAMPLES, example
+    if spec in EXAMPLES:
+        return example(spec, seq_len=args.seq_len, batch=args.batch, layers=args.layers, seed=args.seed)
+    path, sep, factory = spec.rpartition(":")
+    if not sep or not path.endswith(".py"):
+        raise GraphoptError(f"unknown model {spec!r}: give a built-in example ({', '.join(EXAMPLES)}) "
+                            "or path/to/file.py:factory")
+    if not Path(path).is_file():
+        raise GraphoptError(f"{path}: no such file")
+    mod_spec = importlib.util.spec_from_file_location(f"_graphopt_user_{Path(path).stem}", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    try:
+        mod_spec.loader.exec_module(module)
+    except Exception as e:
+        raise GraphoptError(f"{path}: importing it failed ({type(e).__name__}: {e})") from None
+    fn = getattr(module, factory, None)
+    if not callable(fn):
+        raise GraphoptError(f"{path}: no function {factory!r}")
+    try:
+        result = fn()
+    except Exception as e:
+        raise GraphoptError(f"{path}:{factory}() failed ({type(e).__name__}: {e})") from None
+    if not (isinstance(result, tuple) and len(result) == 2 and callable(result[0])):
+        raise GraphoptError(f"{path}:{factory}() must return (module, example_inputs), "
+                            f"got {type(result).__name__}")
+    model, inputs = result
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    if not isinstance(inputs, (tuple, list)):
+        raise GraphoptError(f"{path}:{factory}(): example_inputs must be a tensor or a tuple")
+    return model, tuple(inputs)
+
+
+def _median_ms(fn, inputs, runs: int) -> float:
+    import statistics
+    import time
+
+    import torch
+    with torch.no_grad():
+        fn(*inputs)
+        times = []
+        for _ in range(runs):
+            t = time.perf_counter()
+            fn(*inputs)
+            times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def _cmd_optimize(args) -> int:
+    import torch
+
+    from . import optimize
+    from .optimize import Options, _flatten
+    from .rules import write_atomic
+    if args.save:
+        _check_output_path(args.save)
+    if args.runs < 1:
+        raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
+    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
+                   time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
+    if args.rules:
+        options["rules"] = tuple(args.rules)
+    Options.of(options)  # validate before the slow part
+    from cost_models import get_cost_model  # noqa: F401  (fail early on a broken install)
+    model, inputs = _load_model(args.model, args)
+    fast = optimize(model, inputs, capture=args.capture, **options)
+    with torch.no_grad():
+        ref, out = _flatten(model(*inputs)), _flatten(fast(*inputs))
+    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out)
+                if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()), default=0.0)
+    eager_ms = _median_ms(model, inputs, args.runs)
+    opt_ms = _median_ms(fast, inputs, args.runs)
+    result = {"model": args.model, "inputs": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+              **fast.report.to_json(), "optimize_seconds": round(fast.report.total_seconds, 2),
+              "latency_ms": {"original": round(eager_ms, 3), "optimized": round(opt_ms, 3),
+                             "speedup": round(eager_ms / opt_ms, 3), "runs": args.runs},
+              "max_abs_diff_outputs": diff}
+    if args.save:
+        import io
+        buf = io.BytesIO()
+        torch.save({"graph_modules": fast.graph_modules, "report": fast.report.to_json()}, buf)
+        write_atomic(args.save, buf.getvalue())
+        result["saved"] = args.save
+    if args.json:
+        print(json.dumps(result, indent=1))
+        return 0
+    print(fast.report)
+    print(f"  latency        original {eager_ms:.2f} ms, optimized {opt_ms:.2f} ms "
+          f"({eager_ms / opt_ms:.2f}x, median of {args.runs})")
+    print(f"  outputs        max |optimized - original| = {diff:.3g}")
+    print(f"  took           {fast.report.total_seconds:.1f} s to capture, search and verify")
+    if args.save:
+        print(f"  saved          {args.save}")
+    return 0
+
+
 def _cmd_ops(args) -> int:
     from .ops import REGISTRY, registry_version
     print(f"op registry {registry_version()}")
@@ -168,6 +271,26 @@ def build_parser() -> argparse.ArgumentParser:
     rv.add_argument("--z3", action="store_true", help="also re-run Z3 on algebraic rules")
     rv.add_argument("-q", "--quiet", action="store_true")
     rv.set_defaults(func=_cmd_rules_verify)
+
+    op = sub.add_parser("optimize", help="optimize a model and report what changed")
+    op.add_argument("model", help="built-in example (gpt2, llama) or path/to/file.py:factory "
+                                  "(factory() returns (module, example_inputs))")
+    op.add_argument("--seq-len", type=int, default=128, help="tokens, for built-in examples (default 128)")
+    op.add_argument("--batch", type=int, default=1, help="sequences, for built-in examples")
+    op.add_argument("--layers", type=int, help="layers, for built-in examples (default: the model's)")
+    op.add_argument("--capture", choices=["dynamo", "export"], default="dynamo")
+    op.add_argument("--cost-model", choices=["roofline", "measured"], default="roofline")
+    op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0)")
+    op.add_argument("--budget", type=int, default=100, help="most graphs the search expands")
+    op.add_argument("--time-limit", type=float, default=10.0, help="search seconds per graph")
+    op.add_argument("--rules", action="append", metavar="LIBRARY",
+                    help="rule library (repeatable; default: the shipped default + handwritten)")
+    op.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
+    op.add_argument("--runs", type=int, default=5, help="timed runs for the latency medians")
+    op.add_argument("--seed", type=int, default=0)
+    op.add_argument("--json", action="store_true", help="print the report as JSON")
+    op.add_argument("--save", metavar="PATH", help="write the optimized GraphModules (torch.save)")
+    op.set_defaults(func=_cmd_optimize)
 
     o = sub.add_parser("ops", help="list the op registry")
     o.set_defaults(func=_cmd_ops)

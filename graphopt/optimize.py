@@ -59,6 +59,7 @@ class GraphReport:
     cost_before: float = 0.0
     cost_after: float = 0.0
     applied: Counter = field(default_factory=Counter)
+    rewrites: dict = field(default_factory=dict)   # pattern id -> "lhs  ->  rhs"
     search_seconds: float = 0.0
     folded: int = 0
     max_abs_diff: float = 0.0
@@ -78,6 +79,13 @@ class Report:
             if not g.fallback:
                 total.update(g.applied)
         return total
+
+    @property
+    def rewrites(self) -> dict:
+        out = {}
+        for g in self.graphs:
+            out.update(g.rewrites)
+        return out
 
     @property
     def cost_before(self) -> float:
@@ -105,6 +113,7 @@ class Report:
             "ops": sum(g.ops for g in self.graphs),
             "opaque": sum(g.opaque for g in self.graphs),
             "rules_applied": dict(sorted(self.applied.items())),
+            "rewrites": {k: self.rewrites.get(k, "") for k in sorted(self.applied)},
             "cost_before_s": self.cost_before,
             "cost_after_s": self.cost_after,
             "search_seconds": round(self.search_seconds, 3),
@@ -119,7 +128,9 @@ class Report:
                  f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
                  f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
         if j["rules_applied"]:
-            lines.append("  rules applied  " + ", ".join(f"{k} x{v}" for k, v in j["rules_applied"].items()))
+            lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
+            for k, v in j["rules_applied"].items():
+                lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
         else:
             lines.append("  rules applied  none")
         lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
@@ -142,7 +153,7 @@ def _patterns(rule_sources) -> list:
                 rules.extend(src.rules)
                 continue
             path = DEFAULT_LIBRARY.parent / f"{src}.json" if src in ("default", "handwritten") else src
-            rules.extend(load_rules(path).rules)
+            rules.extend(load_rules(path, check_ids=False).rules)
         _PATTERN_CACHE[key] = compile_patterns(rules)
     return _PATTERN_CACHE[key]
 
@@ -165,16 +176,19 @@ def _gpu_name() -> str:
 
 
 class Backend:
-    """A torch.compile backend that optimises each captured graph; keeps the reports."""
+    """A torch.compile backend that optimises each captured graph; keeps the reports
+    and the optimised GraphModules."""
 
     def __init__(self, options=None):
         self.options = Options.of(options)
         self.report = Report()
+        self.modules: list = []
 
     def __call__(self, gm, example_inputs, **kwargs):
         opts = self.options if not kwargs.get("options") else Options.of(kwargs["options"])
         out, rep = optimize_graph_module(gm, example_inputs, opts)
         self.report.graphs.append(rep)
+        self.modules.append(out)
         if opts.inductor:
             from torch._inductor.compile_fx import compile_fx
             return compile_fx(out, example_inputs)
@@ -199,6 +213,8 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
                      time_limit=opts.time_limit)
         rep.cost_before, rep.cost_after = res.initial_cost, res.cost
         rep.applied, rep.search_seconds = res.applied, res.seconds
+        by_id = {p.rule_id: p for p in _patterns(opts.rules)}
+        rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in res.applied}
         if not res.applied:
             return gm, rep
         folded_graph, folded = fold_constants(res.graph, imp.graph.constants)
@@ -294,16 +310,23 @@ class OptimizedModule(torch.nn.Module):
     def report(self) -> Report:
         return self._backend.report
 
+    @property
+    def graph_modules(self) -> list:
+        """The optimised GraphModules, one per captured graph."""
+        return list(self._backend.modules)
+
     def forward(self, *args, **kwargs):
         return self._compiled(*args, **kwargs)
 
 
-def optimize(model, example_inputs, **options) -> OptimizedModule:
+def optimize(model, example_inputs, capture: str = "dynamo", **options) -> OptimizedModule:
     """Optimise a torch module (or function) for the given example inputs.
 
     Args:
         model: an ``nn.Module`` or callable; it is not modified.
         example_inputs: a tuple of positional inputs (a single tensor is accepted).
+        capture: ``"dynamo"`` (torch.compile's graph capture; graph breaks are fine)
+            or ``"export"`` (``torch.export``: one whole graph, or an error).
         **options: see :class:`Options` (``rules``, ``cost_model``, ``alpha``,
             ``budget``, ``time_limit``, ``verify``, ``inductor``, ``seed``).
     Returns:
@@ -317,11 +340,22 @@ def optimize(model, example_inputs, **options) -> OptimizedModule:
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs)
     backend = Backend(options)
-    compiled = torch.compile(model, backend=backend, dynamic=False)
     start = time.monotonic()
-    with torch.no_grad():
-        compiled(*example_inputs)   # capture and optimise now, not at the first user call
+    if capture == "export":
+        try:
+            gm = torch.export.export(model, example_inputs).module()
+        except Exception as e:
+            raise GraphoptError(f"torch.export could not capture the model ({type(e).__name__}: "
+                                f"{str(e).splitlines()[0] if str(e) else ''}); try capture='dynamo'") from None
+        compiled = backend(gm, list(example_inputs))
+    elif capture == "dynamo":
+        compiled = torch.compile(model, backend=backend, dynamic=False)
+        with torch.no_grad():
+            compiled(*example_inputs)   # capture and optimise now, not at the first user call
+    else:
+        raise GraphoptError(f"unknown capture {capture!r} (dynamo or export)")
     backend.report.total_seconds = time.monotonic() - start
     return OptimizedModule(model, compiled, backend)
 

@@ -46,6 +46,8 @@ class MGraph:
         self.outputs: list = []     # values
         self.next_id = 0
         self._intern: dict = {}     # (op, inputs, attrs) -> node id, for registry ops
+        self._by_op: dict | None = None  # op -> sorted node ids (rebuilt after a change)
+        self._by_sig: dict | None = None
 
     # -- building ------------------------------------------------------------------
     def add_node(self, node: MNode, intern: bool = True) -> int:
@@ -54,6 +56,7 @@ class MGraph:
             return self._intern[key]
         nid = self.next_id
         self.next_id += 1
+        self._by_op = self._by_sig = None
         self.nodes[nid] = node
         for pos, v in enumerate(node.inputs):
             self.consumers.setdefault(v, set()).add((nid, pos))
@@ -98,7 +101,33 @@ class MGraph:
         return self.nodes[nid].outs[j]
 
     def by_op(self, op: str) -> list:
-        return sorted(nid for nid, n in self.nodes.items() if n.op == op)
+        if self._by_op is None:
+            index: dict = {}
+            for nid in sorted(self.nodes):
+                index.setdefault(self.nodes[nid].op, []).append(nid)
+            self._by_op = index
+        return self._by_op.get(op, [])
+
+    def by_signature(self, sig: tuple) -> list:
+        """Nodes with this op whose inputs come from these ops (None: any producer).
+
+        A pattern's first node has such a signature; looking it up rejects most
+        patterns in O(1)."""
+        if self._by_op is None or self._by_sig is None:
+            index: dict = {}
+            for nid in sorted(self.nodes):
+                n = self.nodes[nid]
+                prods = tuple(self.nodes[v[0]].op for v in n.inputs)
+                for mask in range(1 << len(prods)):
+                    key = (n.op, tuple(None if mask >> i & 1 else p for i, p in enumerate(prods)))
+                    index.setdefault(key, []).append(nid)
+            self._by_sig = index
+            self.by_op("")
+        return self._by_sig.get(sig, [])
+
+    def op_counts(self) -> dict:
+        self.by_op("")
+        return {op: len(ids) for op, ids in self._by_op.items()}
 
     def topo_order(self) -> list:
         """Node ids, inputs before users (stable: ties by id)."""
@@ -138,16 +167,22 @@ class MGraph:
         if node.op not in (INPUT, OPAQUE) and self._intern.get((node.op, node.inputs, node.attrs)) == nid:
             del self._intern[(node.op, node.inputs, node.attrs)]
         self.nodes[nid] = MNode(node.op, ins, node.attrs, node.outs, node.name, node.payload, node.const)
+        self._by_sig = None
         for pos, v in enumerate(ins):
             self.consumers.setdefault(v, set()).add((nid, pos))
         if node.op not in (INPUT, OPAQUE):
             self._intern.setdefault((node.op, ins, node.attrs), nid)
 
-    def remove_dead(self) -> int:
-        """Drop registry nodes whose outputs nobody uses; returns how many."""
+    def remove_dead(self, start=None) -> int:
+        """Drop registry nodes whose outputs nobody uses; returns how many.
+
+        Args:
+            start: node ids that may have become dead (default: all); their
+                producers are checked in turn.
+        """
         removed = 0
         live_outputs = set(self.outputs)
-        stack = list(self.nodes)
+        stack = list(self.nodes) if start is None else list(start)
         while stack:
             nid = stack.pop()
             node = self.nodes.get(nid)
@@ -161,6 +196,7 @@ class MGraph:
             if self._intern.get((node.op, node.inputs, node.attrs)) == nid:
                 del self._intern[(node.op, node.inputs, node.attrs)]
             del self.nodes[nid]
+            self._by_op = self._by_sig = None
             removed += 1
         return removed
 
@@ -198,13 +234,24 @@ class Pattern:
     rhs: Graph
     order: list = field(default_factory=list)   # lhs node indices in matching order
     ops: frozenset = frozenset()
+    op_counts: tuple = ()   # ((op, how many lhs nodes), ...): a graph needs at least these
+    anchor_sig: tuple = ()  # (op, producer op of each input or None): see MGraph.by_signature
 
     @staticmethod
     def of(rule, reverse: bool = False) -> "Pattern":
         lhs, rhs = (rule.dst, rule.src) if reverse else (rule.src, rule.dst)
         p = Pattern(rule.id + ("-" if reverse else "+"), lhs, rhs)
         p.ops = frozenset(n.op for n in lhs.nodes)
+        counts: dict = {}
+        for n in lhs.nodes:
+            counts[n.op] = counts.get(n.op, 0) + 1
+        p.op_counts = tuple(sorted(counts.items()))
         p.order = _matching_order(lhs)
+        if p.order:
+            anchor = lhs.nodes[p.order[0]]
+            prods = tuple(None if parse_ref(r)[1] is None else lhs.nodes[parse_ref(r)[0]].op
+                          for r in anchor.inputs)
+            p.anchor_sig = (anchor.op, prods)
         return p
 
 
@@ -268,7 +315,7 @@ def find_matches(mg: MGraph, pattern: Pattern, limit: int | None = None) -> list
         return []
     out = []
     first = pattern.order[0]
-    for nid in mg.by_op(lhs.nodes[first].op):
+    for nid in mg.by_signature(pattern.anchor_sig):
         for m in _extend(mg, pattern, 0, {first: nid}, {}, {}):
             out.append(m)
             if limit and len(out) >= limit:
@@ -369,11 +416,12 @@ def _closed(mg, pattern, nodes, values) -> bool:
     return True
 
 
-def apply_match(mg: MGraph, match: Match) -> MGraph | None:
+def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | None:
     """A new graph with the match replaced by the rule's other side, or None if the
-    replacement does not reproduce the matched outputs' types."""
+    replacement does not reproduce the matched outputs' types (``inplace``: change
+    ``mg`` itself; on None it may hold unused new nodes, which ``remove_dead`` drops)."""
     p = match.pattern
-    new = mg.copy()
+    new = mg if inplace else mg.copy()
     env = {}
     for inp in p.rhs.inputs:
         if inp.name not in match.values:
@@ -389,19 +437,21 @@ def apply_match(mg: MGraph, match: Match) -> MGraph | None:
             full = opdef.full_attrs(attrs)
             outs = opdef.infer_checked(shapes, dtypes, full)
         except GraphoptError:
+            new.remove_dead({v[0] for v in env.values()})
             return None
         outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
         concrete = tuple(sorted(concrete_attrs(tuple(full.items()), {}).items()))
         nid = new.add_node(MNode(node.op, ins, concrete, outs))
         for j in range(len(outs)):
             env[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
-    for lref, rref in zip(p.lhs.outputs, p.rhs.outputs):
-        old, repl = match.values[lref], env[rref]
-        if new.type_of(old) != new.type_of(repl):
-            return None
+    pairs = [(match.values[lref], env[rref]) for lref, rref in zip(p.lhs.outputs, p.rhs.outputs)]
+    if any(new.type_of(old) != new.type_of(repl) for old, repl in pairs):
+        new.remove_dead({v[0] for v in env.values()})
+        return None
+    for old, repl in pairs:
         if old != repl:
             new.replace_uses(old, repl)
-    new.remove_dead()
+    new.remove_dead(set(match.nodes.values()) | {v[0] for v in env.values()})
     return new
 
 

@@ -136,7 +136,7 @@ class Rule:
         }
 
     @staticmethod
-    def from_json(obj: dict, where: str = "rule") -> "Rule":
+    def from_json(obj: dict, where: str = "rule", check_id: bool = True) -> "Rule":
         if not isinstance(obj, dict):
             raise RuleFormatError(f"{where}: expected an object, got {type(obj).__name__}")
         missing = [k for k in ("inputs", "src", "dst") if k not in obj]
@@ -145,8 +145,10 @@ class Rule:
         where = f"{where} {obj.get('id') or ''}".strip()
         src = Graph.from_json(obj["inputs"], obj["src"], f"{where}: src")
         dst = Graph.from_json(obj["inputs"], obj["dst"], f"{where}: dst")
-        rule = Rule(src, dst, obj.get("evidence") or {}, obj.get("provenance") or {}, obj.get("name"))
-        if obj.get("id") and obj["id"] != rule.id:
+        given = obj.get("id") if not check_id else None
+        rule = Rule(src, dst, obj.get("evidence") or {}, obj.get("provenance") or {}, obj.get("name"),
+                    id=given or "")
+        if check_id and obj.get("id") and obj["id"] != rule.id:
             raise RuleFormatError(f"{where}: id does not match the rule's content (expected {rule.id})")
         return rule
 
@@ -275,7 +277,9 @@ class RuleLibrary:
         write_atomic(path, self.dumps())
 
     @staticmethod
-    def load(path=None) -> "RuleLibrary":
+    def load(path=None, check_ids: bool = True) -> "RuleLibrary":
+        """Read a library file.  ``check_ids=False`` skips recomputing every rule's
+        canonical id (seconds for the default library); rules are still validated."""
         path = Path(path) if path is not None else DEFAULT_LIBRARY
         try:
             text = path.read_text()
@@ -288,10 +292,10 @@ class RuleLibrary:
         except json.JSONDecodeError as e:
             raise RuleFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                                   "the file may be truncated") from None
-        return RuleLibrary.from_json(obj, str(path))
+        return RuleLibrary.from_json(obj, str(path), check_ids)
 
     @staticmethod
-    def from_json(obj, where: str = "library") -> "RuleLibrary":
+    def from_json(obj, where: str = "library", check_ids: bool = True) -> "RuleLibrary":
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise RuleFormatError(f"{where}: not a graphopt rule library (missing \"format\": \"{FORMAT}\")")
         version = obj.get("schema_version")
@@ -304,7 +308,7 @@ class RuleLibrary:
         meta = {k: v for k, v in obj.items() if k != "rules"}
         lib = RuleLibrary(meta=meta)
         for k, r in enumerate(rules):
-            rule = Rule.from_json(r, f"{where}: rule #{k}")
+            rule = Rule.from_json(r, f"{where}: rule #{k}", check_id=check_ids)
             if not lib.add(rule):
                 raise RuleFormatError(f"{where}: rule #{k} duplicates rule {rule.id}")
         return lib
@@ -330,12 +334,11 @@ def write_atomic(path, data) -> None:
         raise
 
 
-def load_rules(path=None) -> RuleLibrary:
+def load_rules(path=None, check_ids: bool = True) -> RuleLibrary:
     """Load a rule library; by default the shipped ``substitutions/default.json``.
 
     Example:
         >>> lib = graphopt.load_rules()
         >>> rule = lib[lib.rules[0].id]
     """
-    lib = RuleLibrary.load(path)
-    return lib
+    return RuleLibrary.load(path, check_ids)

@@ -75,20 +75,14 @@ class GraphCost:
         return sum(self.node(mg, nid) for nid in mg.nodes if nid not in const)
 
 
-def _ops_present(mg: MGraph) -> Counter:
-    return Counter(n.op for n in mg.nodes.values())
-
-
 def apply_all(mg: MGraph, matches) -> tuple:
-    """Apply as many of the matches as do not overlap; returns (graph, count)."""
-    cur, done = mg, 0
+    """Apply as many of the matches as do not overlap, on one copy; returns (graph, count)."""
+    cur, done = mg.copy(), 0
     for m in matches:
         if done and not _still_valid(cur, mg, m):
             continue
-        nxt = apply_match(cur, m)
-        if nxt is None:
-            continue
-        cur, done = nxt, done + 1
+        if apply_match(cur, m, inplace=True) is not None:
+            done += 1
     return cur, done
 
 
@@ -99,8 +93,47 @@ def _still_valid(cur: MGraph, orig: MGraph, m) -> bool:
     return all(v[0] in cur.nodes for v in m.values.values())
 
 
+def estimate_delta(g: MGraph, match, cost: GraphCost, const: set) -> float | None:
+    """Cost change of applying one match, from the matched nodes and the replacement's
+    types alone (no graph is built); None if the replacement does not type-check."""
+    from .dims import Dim
+    from .errors import GraphoptError
+    from .ir import concrete_attrs
+    from .ops import get_op
+    p = match.pattern
+    removed = sum(cost.node(g, nid) for nid in set(match.nodes.values()) if nid not in const)
+    types, is_const = {}, {}
+    for inp in p.rhs.inputs:
+        v = match.values.get(inp.name)
+        if v is None:
+            return None
+        types[inp.name], is_const[inp.name] = g.type_of(v), v[0] in const
+    added = 0.0
+    for idx, node in enumerate(p.rhs.nodes):
+        opdef = get_op(node.op)
+        ins = [types[r] for r in node.inputs]
+        try:
+            attrs = opdef.full_attrs(concrete_attrs(node.attrs, match.binding))
+            outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in ins], [d for _, d in ins], attrs)
+        except GraphoptError:
+            return None
+        outs = [(tuple(d.const for d in s), dt) for s, dt in outs]
+        folded = all(is_const[r] for r in node.inputs)
+        if not folded:
+            key = (node.op, tuple(ins), tuple(sorted(concrete_attrs(tuple(attrs.items()), {}).items())))
+            c = cost.cache.get(key)
+            if c is None:
+                c = cost.cache[key] = cost.model.op_cost(node.op, [s for s, _ in ins], [s for s, _ in outs],
+                                                         outs[0][1], dict(key[2]))
+            added += c
+        for j, t in enumerate(outs):
+            ref = f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"
+            types[ref], is_const[ref] = t, folded
+    return added - removed
+
+
 def search(mg: MGraph, patterns, cost_model, alpha: float = 1.05, budget: int = 100,
-           time_limit: float = 10.0, max_matches: int = 256) -> SearchResult:
+           time_limit: float = 10.0, max_matches: int = 256, patience: int = 20) -> SearchResult:
     """Find a cheaper equivalent graph.
 
     Args:
@@ -111,6 +144,7 @@ def search(mg: MGraph, patterns, cost_model, alpha: float = 1.05, budget: int = 
         budget: most graphs to expand.
         time_limit: seconds.
         max_matches: most sites of one pattern to rewrite in one step.
+        patience: stop after this many expanded graphs without a better one.
     Returns:
         the best graph found and what was applied.
     """
@@ -121,23 +155,34 @@ def search(mg: MGraph, patterns, cost_model, alpha: float = 1.05, budget: int = 
     queue = [(c0, 0, mg, Counter())]
     seen = {mg.structural_hash()}
     tie = 1
+    last_gain = 0
     while queue:
         if result.expanded >= budget:
             result.stopped_by = "budget"
+            break
+        if result.expanded - last_gain >= patience:
+            result.stopped_by = "patience"
             break
         if time.monotonic() - start > time_limit:
             result.stopped_by = "time limit"
             break
         c, _, g, applied = heapq.heappop(queue)
         result.expanded += 1
-        present = _ops_present(g)
+        present = g.op_counts()
+        const = g.const_nodes()
         for p in patterns:
-            if any(present[op] == 0 for op in p.ops):
+            if any(present.get(op, 0) < k for op, k in p.op_counts):
                 continue
             matches = find_matches(g, p, limit=max_matches)
             if not matches:
                 continue
-            new, n = apply_all(g, matches)
+            # TASO prunes by cost before building a graph: estimate each site's delta
+            deltas = [estimate_delta(g, m, cost, const) for m in matches]
+            keep = [m for m, d in zip(matches, deltas) if d is not None]
+            total = sum(d for d in deltas if d is not None)
+            if not keep or c + total >= alpha * result.cost:
+                continue
+            new, n = apply_all(g, keep)
             if n == 0:
                 continue
             h = new.structural_hash()
@@ -149,6 +194,7 @@ def search(mg: MGraph, patterns, cost_model, alpha: float = 1.05, budget: int = 
             hist = applied + Counter({p.rule_id: n})
             if nc < result.cost:
                 result.graph, result.cost, result.applied = new, nc, hist
+                last_gain = result.expanded
             if nc < alpha * result.cost:
                 heapq.heappush(queue, (nc, tie, new, hist))
                 tie += 1

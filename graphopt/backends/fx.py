@@ -8,7 +8,6 @@ original module is never modified.
 """
 from __future__ import annotations
 
-import torch
 import torch.fx as fx
 
 from ..dims import Dim
@@ -41,6 +40,7 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
     """
     graph = graph if graph is not None else imp.graph
     new = fx.Graph()
+    new._codegen = imp.gm.graph._codegen  # keeps torch.export's pytree calling convention (not mutated)
     fx_env: dict = {}    # original fx node -> new fx node
     ref_env: dict = {}   # IR ref -> new fx node
     attrs: dict = {}     # get_attr target -> value, for the new module
