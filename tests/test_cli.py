@@ -107,3 +107,63 @@ def test_ops_lists_registry(cli):
     assert proc.returncode == 0
     for op in ("matmul", "split", "reduce_sum", "reshape"):
         assert op in proc.stdout
+
+
+FACTORY = '''
+import torch
+from graphopt.models import Llama, LlamaConfig
+
+def make():
+    torch.manual_seed(0)
+    m = Llama(LlamaConfig(vocab=100, n_layer=1, n_head=4, n_kv_head=2, d_model=64, d_ff=96, max_seq=32)).eval()
+    return m, (torch.randint(0, 100, (1, 16)),)
+
+def wrong():
+    return 42
+
+def broken():
+    raise RuntimeError("boom")
+'''
+
+
+def test_optimize_factory_json_and_save(cli, tmp_path):
+    src = tmp_path / "models.py"
+    src.write_text(FACTORY)
+    saved = tmp_path / "opt.pt"
+    proc = cli("optimize", f"{src}:make", "--json", "--runs", "2", "--save", str(saved), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["graphs"] == 1 and report["fallbacks"] == []
+    assert any("concat" in v for v in report["rewrites"].values())  # merged projections
+    assert report["max_abs_diff_outputs"] < 1e-4
+    assert report["latency_ms"]["original"] > 0 and report["latency_ms"]["optimized"] > 0
+    import torch
+    blob = torch.load(saved, weights_only=False)
+    assert len(blob["graph_modules"]) == 1
+
+
+def test_optimize_text_report(cli, tmp_path):
+    src = tmp_path / "models.py"
+    src.write_text(FACTORY)
+    proc = cli("optimize", f"{src}:make", "--runs", "1", "--capture", "export", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    for needle in ("rules applied", "cost (model)", "latency", "max |optimized - original|"):
+        assert needle in proc.stdout
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("optimize", "bert"), ["unknown model 'bert'"]),
+    (("optimize", "missing.py:make"), ["no such file"]),
+    (("optimize", "{src}:nothere"), ["no function 'nothere'"]),
+    (("optimize", "{src}:wrong"), ["must return (module, example_inputs)"]),
+    (("optimize", "{src}:broken"), ["failed (RuntimeError: boom)"]),
+    (("optimize", "gpt2", "--seq-len", "0"), ["--seq-len must be between 1 and 1024"]),
+    (("optimize", "gpt2", "--alpha", "0.5"), ["alpha must be >= 1.0"]),
+    (("optimize", "gpt2", "--cost-model", "psychic"), ["invalid choice"]),
+    (("optimize", "gpt2", "--save", "no/dir/x.pt"), ["does not exist"]),
+])
+def test_optimize_bad_input(cli, tmp_path, args, needles):
+    src = tmp_path / "models.py"
+    src.write_text(FACTORY)
+    args = [a.replace("{src}", str(src)) for a in args]
+    _one_line_error(cli(*args, cwd=tmp_path), *needles)

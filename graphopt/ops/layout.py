@@ -79,7 +79,9 @@ split = register(OpDef(
     attrs={"axis": AttrSpec("int"), "left": AttrSpec("dim")},
     infer=_split_infer,
     compute=lambda dom, x, a: np.split(x[0], [a["left"]], axis=a["axis"]),
-    lower=lambda t, a: list(torch.split(t[0], [a["left"], t[0].shape[a["axis"]] - a["left"]], dim=a["axis"])),
+    # narrow, not torch.split: no iteration, so fx can trace it (a saved GraphModule is re-traced)
+    lower=lambda t, a: [t[0].narrow(a["axis"], 0, a["left"]),
+                        t[0].narrow(a["axis"], a["left"], t[0].shape[a["axis"]] - a["left"])],
     flops=lambda ins, outs, a: 0,
     enum_attrs=_split_points,
     fx=(FxForm((torch.split, "method:split", aten.split_with_sizes.default, aten.split.Tensor), sp.split),),
