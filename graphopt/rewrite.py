@@ -200,6 +200,34 @@ class MGraph:
             removed += 1
         return removed
 
+    def levels(self) -> dict:
+        """Longest path from a graph input to each node (cached until the next change)."""
+        if getattr(self, "_levels", None) is None or self._levels[0] != self._version():
+            lv: dict = {}
+            for nid in self.topo_order():
+                ins = self.nodes[nid].inputs
+                lv[nid] = 1 + max((lv[v[0]] for v in ins), default=-1)
+            self._levels = (self._version(), lv)
+        return self._levels[1]
+
+    def _version(self) -> tuple:
+        return (self.next_id, len(self.nodes), id(self._by_sig), id(self._by_op))
+
+    def depends_on(self, value, targets: set) -> bool:
+        """Whether ``value`` is computed (transitively) from any node in ``targets``."""
+        lv = self.levels()
+        floor = min(lv[t] for t in targets)
+        stack, seen = [value[0]], set()
+        while stack:
+            nid = stack.pop()
+            if nid in targets:
+                return True
+            if nid in seen or lv[nid] <= floor:
+                continue
+            seen.add(nid)
+            stack.extend(v[0] for v in self.nodes[nid].inputs)
+        return False
+
     def const_nodes(self) -> set:
         """Registry nodes computed from constants only: folded at optimisation time."""
         const = set()
@@ -408,10 +436,11 @@ def _closed(mg, pattern, nodes, values) -> bool:
                 continue
             if v in mg.outputs or any(c not in inside for c, _ in mg.consumers.get(v, ())):
                 return False
-    # a rule input bound to a value computed inside the match would make a cycle
+    # a rule input bound to a value computed inside the match, or from it, would make
+    # the rewritten graph cyclic
     for inp in lhs.inputs:
         v = values.get(inp.name)
-        if v is not None and v[0] in inside:
+        if v is not None and (v[0] in inside or mg.depends_on(v, inside)):
             return False
     return True
 

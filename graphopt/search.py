@@ -79,11 +79,17 @@ def apply_all(mg: MGraph, matches) -> tuple:
     """Apply as many of the matches as do not overlap, on one copy; returns (graph, count)."""
     cur, done = mg.copy(), 0
     for m in matches:
-        if done and not _still_valid(cur, mg, m):
+        if done and not (_still_valid(cur, mg, m) and _acyclic(cur, m)):
             continue
         if apply_match(cur, m, inplace=True) is not None:
             done += 1
     return cur, done
+
+
+def _acyclic(cur: MGraph, m) -> bool:
+    inside = set(m.nodes.values())
+    return not any(cur.depends_on(m.values[i.name], inside)
+                   for i in m.pattern.lhs.inputs if i.name in m.values)
 
 
 def _still_valid(cur: MGraph, orig: MGraph, m) -> bool:
