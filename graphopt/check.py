@@ -27,7 +27,7 @@ def check_rule(rule: Rule, seed: int = 12345, dtypes=("float32",), z3: bool = Fa
     """None when the rule holds, else a one-line reason."""
     import torch
 
-    plan = FloatPlan(seeds=(seed, seed + 1, seed + 2), shapes=2)
+    plan = FloatPlan(seeds=(seed, seed + 1, seed + 2), shapes=3, shape_seed=seed)
     if not float_check(rule.src, rule.dst, plan):
         return "float64 reference outputs differ"
     for binding in instantiations(graph_symbols(rule.src), 2, seed):

@@ -23,6 +23,8 @@ def _cmd_generate(args) -> int:
     from .ops import get_op
 
     _check_output_path(args.output)
+    if args.ops is not None and not args.ops.strip(", "):
+        raise GraphoptError("--ops is empty")
     ops = tuple(o.strip() for o in args.ops.split(",") if o.strip()) if args.ops else DEFAULT_OPS
     for op in ops:
         get_op(op)
@@ -83,6 +85,10 @@ def _cmd_rules_list(args) -> int:
 
 def _cmd_rules_show(args) -> int:
     from .dims import shape_str
+    if args.png is not None:
+        if not args.png:
+            raise GraphoptError("--png needs a file name")
+        _check_output_path(args.png)
     lib = _load(args.library)
     try:
         rule = lib[args.rule_id]
@@ -99,7 +105,7 @@ def _cmd_rules_show(args) -> int:
     print(f"as equation: {rule.summary()}")
     print(f"evidence: {json.dumps(rule.evidence)}")
     print(f"provenance: {json.dumps(rule.provenance)}")
-    if args.png:
+    if args.png is not None:
         from .render import rule_to_png
         how = rule_to_png(rule, args.png)
         print(f"wrote {args.png} ({how})")
@@ -311,6 +317,16 @@ def main(argv=None) -> int:
         return 130
     except BrokenPipeError:
         return 0
+    except MemoryError:
+        print("graphopt: error: out of memory (are the shapes too large?)", file=sys.stderr)
+        return 2
+    except Exception as e:  # a bug: still one line; GRAPHOPT_DEBUG=1 shows the traceback
+        import os
+        if os.environ.get("GRAPHOPT_DEBUG"):
+            raise
+        print(f"graphopt: error: internal error ({type(e).__name__}: {e}); "
+              "rerun with GRAPHOPT_DEBUG=1 for a traceback", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

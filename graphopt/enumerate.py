@@ -2,7 +2,7 @@
 
 Every graph of up to ``max_ops`` operators over a fixed input set is built by
 adding one operator at a time to every valid combination of the tensors built
-so far.  Three things keep the search small without losing graphs:
+so far.  Four things keep the search small without losing graphs:
 
 * **hash-consing** - a node (op, attrs, inputs) exists once; its fingerprint
   value is computed once and shared by every graph that contains it;
@@ -64,8 +64,19 @@ class EnumConfig:
     inputs: tuple = field(default_factory=default_inputs)
     seed: int = 0
     max_outputs: int = 2
-    # sizes of the shape symbols at which fingerprints are computed
+    # sizes of the shape symbols at which fingerprints are computed (others get
+    # further distinct sizes, see fingerprint_binding)
     binding: dict = field(default_factory=lambda: {"a": 3, "b": 4, "c": 5, "d": 2, "e": 7})
+
+    def fingerprint_binding(self) -> dict:
+        out = dict(self.binding)
+        spare = iter(s for s in (11, 13, 17, 19, 23, 29, 31, 37) if s not in out.values())
+        for inp in self.inputs:
+            for d in inp.shape:
+                for sym in d.symbols:
+                    if sym not in out:
+                        out[sym] = next(spare, 3)
+        return out
 
 
 def _h64(data: bytes) -> int:
@@ -97,8 +108,9 @@ class _Table:
         self.head_cache: dict = {}
         self.input_names: list = []
         rng = np.random.default_rng(cfg.seed)
+        self.binding = cfg.fingerprint_binding()
         for inp in cfg.inputs:
-            shape = evaluate_shape(inp.shape, cfg.binding)
+            shape = evaluate_shape(inp.shape, self.binding)
             val = rng.integers(1, PRIME, size=shape, dtype=np.int64)
             self._new_tensor(inp.shape, inp.dtype, -1, _h64(b"input:" + inp.name.encode()), val)
             self.input_names.append(inp.name)
@@ -191,7 +203,7 @@ class _Table:
         if self.t_fp[outs[0]] is not None:
             return True
         opdef = self.opdefs[self.n_op[nid]]
-        attrs = {k: (v.evaluate(self.cfg.binding) if isinstance(v, Dim) else v) for k, v in self.n_attrs[nid]}
+        attrs = {k: (v.evaluate(self.binding) if isinstance(v, Dim) else v) for k, v in self.n_attrs[nid]}
         vals = opdef.fingerprint([self.t_val[t] for t in self.n_in[nid]], attrs)
         for t, v in zip(outs, vals):
             v = np.ascontiguousarray(v, dtype=np.int64)

@@ -6,6 +6,7 @@ metadata, so a library says how it was made.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing as mp
 import os
 import resource
@@ -42,6 +43,12 @@ class GenerateSettings:
     def validate(self):
         if not 1 <= self.max_ops <= 6:
             raise GraphoptError(f"--max-ops must be between 1 and 6, got {self.max_ops}")
+        if self.seed < 0:
+            raise GraphoptError(f"--seed must be >= 0, got {self.seed}")
+        if self.max_rule_ops < 2:
+            raise GraphoptError(f"--max-rule-ops must be >= 2, got {self.max_rule_ops}")
+        if self.z3_timeout_ms <= 0:
+            raise GraphoptError(f"--z3-timeout must be > 0, got {self.z3_timeout_ms}")
         if not self.ops:
             raise GraphoptError("the op set is empty")
         for op in self.ops:
@@ -146,6 +153,8 @@ def generate(settings: GenerateSettings, workers: int = 0, progress: bool = True
         log: optional callable receiving one line per finished stage.
     """
     settings.validate()
+    if not 0 <= workers <= 256:
+        raise GraphoptError(f"--workers must be between 0 (all cores) and 256, got {workers}")
     workers = workers or os.cpu_count() or 1
     say = log or (lambda line: None)
     timings = {}
@@ -184,7 +193,9 @@ def generate(settings: GenerateSettings, workers: int = 0, progress: bool = True
         f"({stats['float_refuted']} refuted); Z3 proved {stats['z3_proved']} [{timings['verify_s']}s]")
 
     t2 = time.monotonic()
-    found.sort(key=lambda r: (sum(r.size), r.id))
+    # rules with one id differ only by renaming; keep the same one whatever the
+    # scheduling of the workers: order by id, then by content
+    found.sort(key=lambda r: (sum(r.size), r.id, json.dumps(r.to_json(), sort_keys=True)))
     library = RuleLibrary()
     dropped = dedupe_by_renaming(found, library)
     timings["prune_s"] = round(time.monotonic() - t2, 2)
@@ -230,6 +241,9 @@ def parse_inputs(text: str) -> tuple:
             raise GraphoptError(f"invalid shape in input spec {part!r}: {e}") from None
         if any(d == 0 for d in shape):
             raise GraphoptError(f"invalid shape in input spec {part!r}: zero-size dimension")
+        if any(d.const > 64 or any(c > 8 for _, c in d.terms) for d in shape):
+            raise GraphoptError(f"invalid shape in input spec {part!r}: the generator works with small "
+                                "symbolic sizes (constants up to 64, coefficients up to 8)")
         inputs.append(Input(name, shape))
     if len({i.name for i in inputs}) != len(inputs):
         raise GraphoptError(f"duplicate input names in {text!r}")

@@ -143,14 +143,46 @@ class Rule:
         if missing:
             raise RuleFormatError(f"{where}: missing field(s) {', '.join(missing)}")
         where = f"{where} {obj.get('id') or ''}".strip()
+        _check_inputs(obj["inputs"], where)
+        for key, kind in (("evidence", dict), ("provenance", dict), ("name", str)):
+            if obj.get(key) is not None and not isinstance(obj[key], kind):
+                raise RuleFormatError(f"{where}: \"{key}\" must be a{'n object' if kind is dict else ' string'}")
+        if isinstance((obj.get("evidence") or {}).get("float"), (str, list, int, float)):
+            raise RuleFormatError(f'{where}: "evidence.float" must be an object')
         src = Graph.from_json(obj["inputs"], obj["src"], f"{where}: src")
         dst = Graph.from_json(obj["inputs"], obj["dst"], f"{where}: dst")
         given = obj.get("id") if not check_id else None
+        if src.body_to_json() == dst.body_to_json():
+            raise RuleFormatError(f"{where}: both sides are the same graph")
         rule = Rule(src, dst, obj.get("evidence") or {}, obj.get("provenance") or {}, obj.get("name"),
                     id=given or "")
         if check_id and obj.get("id") and obj["id"] != rule.id:
             raise RuleFormatError(f"{where}: id does not match the rule's content (expected {rule.id})")
         return rule
+
+
+MAX_CONST_DIM = 1 << 16
+MAX_COEFF = 64
+
+
+def _check_inputs(inputs, where: str) -> None:
+    """Rule inputs: a list of {name, shape: [dims], dtype}; sizes sane (rules are
+    verified by evaluating them, so absurd sizes would exhaust memory)."""
+    from .dims import Dim
+    if not isinstance(inputs, list):
+        raise RuleFormatError(f'{where}: "inputs" must be a list')
+    for spec in inputs:
+        if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
+            raise RuleFormatError(f'{where}: each input needs "name" and a "shape" list')
+        for d in spec["shape"]:
+            try:
+                dim = Dim.of(d)
+            except (ValueError, TypeError):
+                raise RuleFormatError(f"{where}: input {spec.get('name')!r}: invalid dimension {d!r}") from None
+            if dim == 0 or dim.const > MAX_CONST_DIM or any(c > MAX_COEFF for _, c in dim.terms):
+                raise RuleFormatError(f"{where}: input {spec.get('name')!r}: dimension {d!r} is zero or too large")
+    if len(inputs) > 8:
+        raise RuleFormatError(f"{where}: more than 8 inputs")
 
 
 # -- canonical form ------------------------------------------------------------------------
@@ -199,9 +231,10 @@ def canonical_key(rule: Rule) -> str:
         for g in (rule.src, rule.dst):
             memo: dict = {}
             sides.append(tuple(_render(g, r, names, syms, memo) for r in g.outputs))
-        pairs = sorted(zip(*sides)) if sides[0] <= sides[1] else sorted(zip(sides[1], sides[0]))
-        a, b = tuple(p[0] for p in pairs), tuple(p[1] for p in pairs)
-        key = head + "|" + " ; ".join(min(a, b)) + " == " + " ; ".join(max(a, b))
+        # mapped outputs are an unordered set of pairs and the sides may be swapped:
+        # sort the pairs for both orientations and keep the smaller
+        pairs = min(sorted(zip(sides[0], sides[1])), sorted(zip(sides[1], sides[0])))
+        key = head + "|" + " ; ".join(f"{x} == {y}" for x, y in pairs)
         if best is None or key < best:
             best = key
     return best
@@ -289,6 +322,8 @@ class RuleLibrary:
             raise RuleFormatError(f"{path}: cannot read rule library ({type(e).__name__})") from None
         try:
             obj = json.loads(text)
+        except RecursionError:
+            raise RuleFormatError(f"{path}: JSON nested too deeply") from None
         except json.JSONDecodeError as e:
             raise RuleFormatError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}); "
                                   "the file may be truncated") from None
@@ -299,7 +334,7 @@ class RuleLibrary:
         if not isinstance(obj, dict) or obj.get("format") != FORMAT:
             raise RuleFormatError(f"{where}: not a graphopt rule library (missing \"format\": \"{FORMAT}\")")
         version = obj.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if type(version) is not int or version != SCHEMA_VERSION:
             raise RuleFormatError(f"{where}: unsupported schema version {version!r} "
                                   f"(this graphopt reads version {SCHEMA_VERSION})")
         rules = obj.get("rules")

@@ -167,3 +167,42 @@ def test_optimize_bad_input(cli, tmp_path, args, needles):
     src.write_text(FACTORY)
     args = [a.replace("{src}", str(src)) for a in args]
     _one_line_error(cli(*args, cwd=tmp_path), *needles)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (("generate", "--max-ops", "1", "--workers", "-1", "-o", "x.json"), ["--workers"]),
+    (("generate", "--max-ops", "1", "--seed", "-1", "-o", "x.json"), ["--seed must be >= 0"]),
+    (("generate", "--ops", "", "-o", "x.json"), ["--ops is empty"]),
+    (("generate", "--inputs", "X:100000,100000", "-o", "x.json"), ["small symbolic sizes"]),
+])
+def test_more_bad_generate_input(cli, tmp_path, args, needles):
+    _one_line_error(cli(*args, cwd=tmp_path), *needles)
+    assert not (tmp_path / "x.json").exists()
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda r: r["src"]["nodes"][0]["attrs"].update(axis=float("inf")), "invalid value"),
+    (lambda r: r.update(evidence=[1]), '"evidence" must be an object'),
+    (lambda r: r.update(evidence={"float": "yes"}), '"evidence.float" must be an object'),
+    (lambda r: r["inputs"][0].update(shape=["99999999a", "b"]), "too large"),
+    (lambda r: r["inputs"][0].update(shape="ab"), '"shape" list'),
+    (lambda r: r["inputs"][0].update(shape=[0, "b"]), "zero or too large"),
+    (lambda r: r.update(dst=r["src"]), "both sides are the same"),
+])
+def test_malformed_rules_are_one_line(cli, tmp_path, mutate, needle):
+    rule = {"inputs": [{"name": "X", "shape": ["a", "b"]}],
+            "src": {"nodes": [{"op": "concat", "inputs": ["X", "X"], "attrs": {"axis": -1}}], "outputs": ["%0"]},
+            "dst": {"nodes": [{"op": "concat", "inputs": ["X", "X"], "attrs": {"axis": -1}},
+                              {"op": "neg", "inputs": ["%0"]}], "outputs": ["%1"]}}
+    mutate(rule)
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"format": "graphopt-rules", "schema_version": 1, "rules": [rule]}))
+    for cmd in (("rules", "list", str(path)), ("rules", "verify", str(path))):
+        _one_line_error(cli(*cmd), needle)
+
+
+def test_deeply_nested_json_and_png_to_directory(cli, tmp_path):
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100000)
+    _one_line_error(cli("rules", "list", str(deep)), "nested too deeply")
+    _one_line_error(cli("rules", "show", "rc00", "--png", str(tmp_path)), "is a directory")

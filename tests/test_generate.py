@@ -158,3 +158,55 @@ def test_fingerprint_values_are_integers_mod_prime():
     from graphopt.ops import PRIME
     tb = _Table(_cfg(1))
     assert all(v.dtype == np.int64 and v.min() >= 1 and v.max() < PRIME for v in tb.t_val)
+
+
+def test_a_rule_true_only_for_some_size_orders_is_refuted():
+    """Found in review: a split of c+c+d at d is not at a concat boundary, so the rule
+    below holds only when d <= c.  Every layer must try both size orders."""
+    from graphopt.ir import Graph
+    from graphopt.rules import Rule
+    from graphopt.verify import FloatPlan, float_check, z3_check
+
+    def side(inner):
+        g = Graph()
+        g.add_input("Y", ("b", "c"))
+        g.add_input("Z", ("b", "c"))
+        g.add_input("V", ("b", "c+d"))
+        t = g.add("concat", "Y", g.add("concat", *inner, axis=-1), axis=-1)
+        lo, hi = g.add("split", t, axis=-1, left="d")
+        g.outputs = [lo, g.add("reduce_sum", hi, axis=-1)]
+        return g
+    r = Rule(side(("Z", "V")), side(("V", "Z")))
+    assert not float_check(r.src, r.dst, FloatPlan())
+    assert z3_check(r.src, r.dst) == "refuted"
+
+
+def test_instantiations_try_both_orders():
+    from graphopt.verify import instantiations
+    b1, b2 = instantiations(["a", "b", "c"], 2, seed=4)
+    assert b1["a"] < b1["b"] < b1["c"] and b2["a"] > b2["b"] > b2["c"]
+    assert instantiations(["a", "b"], 2, seed=1) != instantiations(["a", "b"], 2, seed=2)
+
+
+def test_rule_ids_do_not_depend_on_output_order():
+    from graphopt.ir import Graph
+    from graphopt.rules import Rule
+
+    def sides(order):
+        a, b = Graph(), Graph()
+        for g in (a, b):
+            g.add_input("X", ["m", "n"])
+            g.add_input("Y", ["n", "k"])
+            g.add_input("Z", ["n", "k"])
+        outs_a = [a.add("matmul", "X", "Y"), a.add("matmul", "X", "Z")]
+        outs_b = list(b.add("split", b.add("matmul", "X", b.add("concat", "Y", "Z", axis=-1)), axis=-1, left="k"))
+        a.outputs, b.outputs = [outs_a[i] for i in order], [outs_b[i] for i in order]
+        return Rule(a, b)
+    assert sides([0, 1]).id == sides([1, 0]).id
+
+
+def test_symbols_beyond_the_default_binding():
+    res = enumerate_graphs(EnumConfig(max_ops=1, ops=("matmul", "transpose"),
+                                      inputs=(Input("P", (Dim.sym("f"), Dim.sym("g"))),
+                                              Input("Q", (Dim.sym("g"), Dim.sym("h"))))))
+    assert res.graphs == 3

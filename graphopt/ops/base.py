@@ -240,7 +240,7 @@ def _coerce_attr(op: str, key: str, kind: str, value):
             return Dim.of(value)
         if kind == "dims":
             return tuple(Dim.of(v) for v in value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         pass
     raise ShapeError(f"{op}: attribute {key!r} has invalid value {value!r}")
 

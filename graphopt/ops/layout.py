@@ -95,11 +95,18 @@ def _reshape_infer(shapes, dtypes, attrs):
         return [(target, dtypes[0])]
     if not all(d.is_const for d in s) or not all(d.is_const for d in target):
         raise ShapeError("reshape: symbolic dimensions can only be reshaped to the same shape")
-    n_in = int(np.prod([d.const for d in s], dtype=np.int64))
-    n_out = int(np.prod([d.const for d in target], dtype=np.int64))
+    n_in = _product(d.const for d in s)
+    n_out = _product(d.const for d in target)
     if n_in != n_out:
         raise ShapeError(f"reshape: cannot reshape {n_in} elements into {n_out}")
     return [(target, dtypes[0])]
+
+
+def _product(values) -> int:
+    n = 1
+    for v in values:
+        n *= v
+    return n
 
 
 reshape = register(OpDef(

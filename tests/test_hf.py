@@ -1,0 +1,48 @@
+"""Hugging Face GPT-2 and Llama (small configs, random weights, nothing downloaded),
+optimized through both capture paths: same outputs; Llama's projections merged."""
+import pytest
+import torch
+
+import graphopt
+
+transformers = pytest.importorskip("transformers")
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
+def _build(name):
+    torch.manual_seed(0)
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
+                                      bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+        model = transformers.GPT2LMHeadModel(cfg)
+    else:
+        cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                       max_position_embeddings=64, bos_token_id=0, eos_token_id=0,
+                                       attn_implementation="eager")
+        model = transformers.LlamaForCausalLM(cfg)
+    return Logits(model.eval())
+
+
+@pytest.mark.parametrize("capture", ["dynamo", "export"])
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_hf_model_same_outputs(name, capture):
+    model = _build(name)
+    ids = torch.randint(0, 128, (2, 16))
+    fast = graphopt.optimize(model, (ids,), capture=capture, time_limit=20)
+    assert not fast.report.fallbacks, fast.report
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+        other = torch.randint(0, 128, (2, 16))
+        torch.testing.assert_close(fast(other), model(other), rtol=1e-5, atol=1e-5)
+    if name == "llama":
+        merged = [k for k, v in fast.report.to_json()["rewrites"].items() if "concat" in v]
+        assert sum(fast.report.applied[k] for k in merged) >= 6  # q/k/v and gate/up, 2 layers
