@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 from ..dims import Dim
+from ..frontends.fx import fetch_attr
 from ..ir import OPAQUE, Graph, node_ref
 from ..ops import get_op
 
@@ -73,7 +74,7 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
             def remap(a, inputs=inputs):
                 return ref_env[inputs[a]] if a in inputs else fx_env[a]
             if payload.node.op in ("get_attr", "call_module"):
-                attrs[payload.node.target] = _fetch(imp.gm, payload.node.target)
+                attrs[payload.node.target] = fetch_attr(imp.gm, payload.node.target)
             n = new.node_copy(payload.node, remap)
             fx_env[payload.node] = n
         else:
@@ -106,13 +107,6 @@ def _getitem(value, index):
 
 def _default(ph):
     return ph.args[0] if ph.args else fx.node.inspect.Signature.empty
-
-
-def _fetch(gm, target):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 __all__ = ["export_fx", "run_op"]

@@ -122,7 +122,7 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
                 imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
                                                   value=None if value is None else value.detach())
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             t = _tensor_type(value)
             if t is not None:
                 imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1], value=value)
@@ -152,7 +152,8 @@ def _unique(name: str, names: set) -> str:
     return name
 
 
-def _fetch_attr(gm, target: str):
+def fetch_attr(gm, target: str):
+    """The module attribute a get_attr/call_module target names (dotted path)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
