@@ -2,8 +2,9 @@
 as generated ones and checked by the same verifier.
 
 These are identities the generator cannot find: the target is a bare input
-(no operator), or the fingerprint surrogates hide the identity (relu is
-idempotent, but its surrogate x(x+1)+1 is not).
+(no operator), the fingerprint surrogates hide the identity (relu is
+idempotent, but its surrogate x(x+1)+1 is not), or an op is not enumerated
+(fused attention, softmax, the reciprocal of a scale).
 
     python substitutions/make_handwritten.py
 """
@@ -41,7 +42,25 @@ def rule(name, inputs, build_src, build_dst, reason) -> Rule:
 
 
 X = [("X", ["a", "b"])]
+QKV = [("Q", ["t", "d"]), ("K", ["n", "d"]), ("V", ["n", "e"]), ("s", [])]
+
+
+def _scores(g, scale_op):
+    return g.add(scale_op, g.add("matmul", "Q", g.add("transpose", "K")), "s")
+
+
 RULES = [
+    rule("attention-scale-mul", QKV,
+         lambda g: g.add("matmul", g.add("softmax", _scores(g, "smul")), "V"),
+         lambda g: g.add("sdpa", "Q", "K", "V", "s"),
+         "fused attention: softmax(Q K^T * s) V, the T x T scores never materialised"),
+    rule("attention-scale-div", QKV,
+         lambda g: g.add("matmul", g.add("softmax", _scores(g, "sdiv")), "V"),
+         lambda g: g.add("sdpa", "Q", "K", "V", g.add("recip", "s")),
+         "fused attention: softmax(Q K^T / s) V; the scale 1/s is exact (folded from the constant s)"),
+    rule("sdiv-to-smul-recip", X + [("s", [])],
+         lambda g: g.add("sdiv", "X", "s"), lambda g: g.add("smul", "X", g.add("recip", "s")),
+         "canonical form: dividing by a scalar is multiplying by its reciprocal"),
     rule("transpose-involution", X,
          lambda g: g.add("transpose", g.add("transpose", "X")), lambda g: "X",
          "a target without operators cannot be enumerated"),

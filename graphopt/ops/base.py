@@ -50,6 +50,10 @@ class Domain:
     def recip(self, x):
         raise NotImplementedError
 
+    def softmax(self, x, axis: int, keep=None):
+        """softmax over ``axis``; ``keep`` (0/1 array, broadcastable) masks entries out."""
+        raise NotImplementedError
+
 
 class FloatDomain(Domain):
     """Real arithmetic in float64 numpy: the reference semantics."""
@@ -66,6 +70,14 @@ class FloatDomain(Domain):
     def recip(self, x):
         with np.errstate(divide="ignore"):
             return 1.0 / x
+
+    def softmax(self, x, axis: int, keep=None):
+        if keep is not None:
+            x = np.where(keep.astype(bool), x, -np.inf)
+        m = np.max(x, axis=axis, keepdims=True)
+        with np.errstate(over="ignore", invalid="ignore"):
+            e = np.exp(x - m)
+            return e / np.sum(e, axis=axis, keepdims=True)
 
 
 class ModDomain(Domain):
@@ -86,6 +98,12 @@ class ModDomain(Domain):
         flat = [pow(int(v), PRIME - 2, PRIME) for v in np.asarray(x).reshape(-1)]
         return np.array(flat, dtype=np.int64).reshape(np.shape(x))
 
+    def softmax(self, x, axis: int, keep=None):  # exp surrogate, normalised exactly
+        e = self.exp(x)
+        if keep is not None:
+            e = (e * keep) % PRIME
+        return (e * self.recip(np.sum(e, axis=axis, keepdims=True) % PRIME)) % PRIME
+
 
 class Z3Domain(Domain):
     """Symbolic arithmetic over Z3 reals (numpy object arrays of Z3 terms)."""
@@ -97,6 +115,9 @@ class Z3Domain(Domain):
 
     def exp(self, x):
         raise NotAlgebraic("exp")
+
+    def softmax(self, x, axis: int, keep=None):
+        raise NotAlgebraic("softmax")
 
     def recip(self, x):
         return np.vectorize(lambda v: 1 / v, otypes=[object])(x)

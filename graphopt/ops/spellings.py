@@ -140,3 +140,16 @@ def reshape(args, kwargs, ctx):
     if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
         return None
     return [args[0]], {"shape": list(ctx.out_shapes[0])}
+
+
+def softmax(args, kwargs, ctx):
+    """``softmax(x, dim)`` without a dtype change (an upcast stays opaque for now)."""
+    if not args or not ctx.is_tensor(args[0]):
+        return None
+    dim = _dim_arg(args, kwargs, 1, "dim")
+    extra = args[2:] if len(args) > 2 else ()
+    if extra not in ((), (False,), (None,)) or kwargs.get("dtype") is not None or kwargs.get("_stacklevel", 3) != 3:
+        return None
+    if not isinstance(dim, int) or not _no_kwargs(kwargs, ("dim", "dtype", "_stacklevel")):
+        return None
+    return [args[0]], {"axis": _neg(dim, ctx.rank(args[0]))}
