@@ -57,7 +57,7 @@ def test_dynamo_graph_round_trip():
     ops = [n.op for n in imp.graph.nodes]
     for op in ("matmul", "transpose", "sdiv", "relu", "smul", "add", "split", "concat", "reduce_sum"):
         assert op in ops, (op, ops)
-    assert ops.count(OPAQUE) == imp.counts["opaque"] >= 3  # layer_norm, linear x2, softmax
+    assert ops.count(OPAQUE) == imp.counts["opaque"] >= 2  # layer_norm, linear with bias
     new = export_fx(imp)
     _assert_same(new(*example), gm(*example))
     assert gm.code == code_before  # the captured module is not modified
