@@ -71,6 +71,7 @@ class Report:
     """What graphopt did: per captured graph, and in total."""
 
     graphs: list = field(default_factory=list)
+    total_seconds: float = 0.0   # capture + search + verification, for optimize()
 
     @property
     def applied(self) -> Counter:
