@@ -251,9 +251,15 @@ def _verify(original, optimized, example_inputs, opts: Options):
     for _ in range(opts.verify_trials):
         fresh = []
         for t in example_inputs:
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not isinstance(t, torch.nn.Parameter):
+            if isinstance(t, torch.nn.Parameter) or not isinstance(t, torch.Tensor) or t.numel() == 0:
+                fresh.append(t)
+            elif t.is_floating_point():
                 r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
-                fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0) + 0.0)
+                fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0))
+            elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+                # e.g. token ids: fresh values within the range seen (valid indices)
+                lo, hi = int(t.min()), int(t.max()) + 1
+                fresh.append(torch.randint(lo, hi, t.shape, generator=gen, dtype=t.dtype).to(t.device))
             else:
                 fresh.append(t)
         trials.append(fresh)
