@@ -445,38 +445,54 @@ def _closed(mg, pattern, nodes, values) -> bool:
     return True
 
 
-def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | None:
-    """A new graph with the match replaced by the rule's other side, or None if the
-    replacement does not reproduce the matched outputs' types (``inplace``: change
-    ``mg`` itself; on None it may hold unused new nodes, which ``remove_dead`` drops)."""
+def replacement_plan(mg: MGraph, match: Match) -> list | None:
+    """Type-check the rule's other side under the match's sizes, without building it.
+
+    Returns:
+        per replacement node ``(node, concrete attrs, out types)``, or None when a
+        node does not type-check, an input is unbound, or a rule output would
+        change type.
+    """
     p = match.pattern
-    new = mg if inplace else mg.copy()
-    env = {}
+    types = {}
     for inp in p.rhs.inputs:
         if inp.name not in match.values:
             return None  # an input the matched side does not use: cannot bind it
-        env[inp.name] = match.values[inp.name]
+        types[inp.name] = mg.type_of(match.values[inp.name])
+    plan = []
     for idx, node in enumerate(p.rhs.nodes):
         opdef = get_op(node.op)
-        attrs = concrete_attrs(node.attrs, match.binding)
-        ins = tuple(env[r] for r in node.inputs)
-        shapes = [tuple(Dim.of(d) for d in new.type_of(v)[0]) for v in ins]
-        dtypes = [new.type_of(v)[1] for v in ins]
+        ins = [types[r] for r in node.inputs]
         try:
-            full = opdef.full_attrs(attrs)
-            outs = opdef.infer_checked(shapes, dtypes, full)
+            full = opdef.full_attrs(concrete_attrs(node.attrs, match.binding))
+            outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in ins], [dt for _, dt in ins], full)
         except GraphoptError:
-            new.remove_dead({v[0] for v in env.values()})
             return None
         outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
-        concrete = tuple(sorted(concrete_attrs(tuple(full.items()), {}).items()))
-        nid = new.add_node(MNode(node.op, ins, concrete, outs))
+        plan.append((node, tuple(sorted(concrete_attrs(tuple(full.items()), {}).items())), outs))
+        for j, t in enumerate(outs):
+            types[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = t
+    for lref, rref in zip(p.lhs.outputs, p.rhs.outputs):
+        if mg.type_of(match.values[lref]) != types[rref]:
+            return None
+    return plan
+
+
+def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | None:
+    """A new graph with the match replaced by the rule's other side, or None if the
+    replacement does not type-check (see :func:`replacement_plan`); ``inplace``
+    changes ``mg`` itself."""
+    p = match.pattern
+    plan = replacement_plan(mg, match)
+    if plan is None:
+        return None
+    new = mg if inplace else mg.copy()
+    env = {inp.name: match.values[inp.name] for inp in p.rhs.inputs}
+    for idx, (node, attrs, outs) in enumerate(plan):
+        nid = new.add_node(MNode(node.op, tuple(env[r] for r in node.inputs), attrs, outs))
         for j in range(len(outs)):
             env[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
     pairs = [(match.values[lref], env[rref]) for lref, rref in zip(p.lhs.outputs, p.rhs.outputs)]
-    if any(new.type_of(old) != new.type_of(repl) for old, repl in pairs):
-        new.remove_dead({v[0] for v in env.values()})
-        return None
     for old, repl in pairs:
         if old != repl:
             new.replace_uses(old, repl)

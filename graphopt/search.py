@@ -17,7 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .rewrite import INPUT, MGraph, Pattern, apply_match, find_matches
+from .rewrite import INPUT, MGraph, Pattern, apply_match, find_matches, replacement_plan
 from .ir import OPAQUE
 
 
@@ -102,35 +102,23 @@ def _still_valid(cur: MGraph, orig: MGraph, m) -> bool:
 def estimate_delta(g: MGraph, match, cost: GraphCost, const: set) -> float | None:
     """Cost change of applying one match, from the matched nodes and the replacement's
     types alone (no graph is built); None if the replacement does not type-check."""
-    from .dims import Dim
-    from .errors import GraphoptError
-    from .ir import concrete_attrs
-    from .ops import get_op
+    plan = replacement_plan(g, match)
+    if plan is None:
+        return None
     p = match.pattern
     removed = sum(cost.node(g, nid) for nid in set(match.nodes.values()) if nid not in const)
-    types, is_const = {}, {}
-    for inp in p.rhs.inputs:
-        v = match.values.get(inp.name)
-        if v is None:
-            return None
-        types[inp.name], is_const[inp.name] = g.type_of(v), v[0] in const
+    types = {i.name: g.type_of(match.values[i.name]) for i in p.rhs.inputs}
+    is_const = {i.name: match.values[i.name][0] in const for i in p.rhs.inputs}
     added = 0.0
-    for idx, node in enumerate(p.rhs.nodes):
-        opdef = get_op(node.op)
-        ins = [types[r] for r in node.inputs]
-        try:
-            attrs = opdef.full_attrs(concrete_attrs(node.attrs, match.binding))
-            outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in ins], [d for _, d in ins], attrs)
-        except GraphoptError:
-            return None
-        outs = [(tuple(d.const for d in s), dt) for s, dt in outs]
+    for idx, (node, attrs, outs) in enumerate(plan):
+        ins = tuple(types[r] for r in node.inputs)
         folded = all(is_const[r] for r in node.inputs)
         if not folded:
-            key = (node.op, tuple(ins), tuple(sorted(concrete_attrs(tuple(attrs.items()), {}).items())))
+            key = (node.op, ins, attrs)
             c = cost.cache.get(key)
             if c is None:
                 c = cost.cache[key] = cost.model.op_cost(node.op, [s for s, _ in ins], [s for s, _ in outs],
-                                                         outs[0][1], dict(key[2]))
+                                                         outs[0][1], dict(attrs))
             added += c
         for j, t in enumerate(outs):
             ref = f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"

@@ -45,7 +45,6 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
     fx_env: dict = {}    # original fx node -> new fx node
     ref_env: dict = {}   # IR ref -> new fx node
     attrs: dict = {}     # get_attr target -> value, for the new module
-    by_name = {i.name: i for i in graph.inputs}
     ref_of_name = {ref: node for node, ref in imp.ref_of.items() if isinstance(node, fx.Node)}
 
     for ph in imp.placeholders:
