@@ -48,6 +48,8 @@ class MGraph:
         self._intern: dict = {}     # (op, inputs, attrs) -> node id, for registry ops
         self._by_op: dict | None = None  # op -> sorted node ids (rebuilt after a change)
         self._by_sig: dict | None = None
+        self._changes = 0                # bumped by every mutation; keys derived caches
+        self._levels: tuple | None = None
 
     # -- building ------------------------------------------------------------------
     def add_node(self, node: MNode, intern: bool = True) -> int:
@@ -56,6 +58,7 @@ class MGraph:
             return self._intern[key]
         nid = self.next_id
         self.next_id += 1
+        self._changes += 1
         self._by_op = self._by_sig = None
         self.nodes[nid] = node
         for pos, v in enumerate(node.inputs):
@@ -93,6 +96,7 @@ class MGraph:
         new.outputs = list(self.outputs)
         new.next_id = self.next_id
         new._intern = dict(self._intern)
+        new._changes, new._levels = self._changes, self._levels  # same graph: caches stay valid
         return new
 
     # -- queries ----------------------------------------------------------------------
@@ -168,6 +172,7 @@ class MGraph:
             del self._intern[(node.op, node.inputs, node.attrs)]
         self.nodes[nid] = MNode(node.op, ins, node.attrs, node.outs, node.name, node.payload, node.const)
         self._by_sig = None
+        self._changes += 1
         for pos, v in enumerate(ins):
             self.consumers.setdefault(v, set()).add((nid, pos))
         if node.op not in (INPUT, OPAQUE):
@@ -197,21 +202,19 @@ class MGraph:
                 del self._intern[(node.op, node.inputs, node.attrs)]
             del self.nodes[nid]
             self._by_op = self._by_sig = None
+            self._changes += 1
             removed += 1
         return removed
 
     def levels(self) -> dict:
         """Longest path from a graph input to each node (cached until the next change)."""
-        if getattr(self, "_levels", None) is None or self._levels[0] != self._version():
+        if self._levels is None or self._levels[0] != self._changes:
             lv: dict = {}
             for nid in self.topo_order():
                 ins = self.nodes[nid].inputs
                 lv[nid] = 1 + max((lv[v[0]] for v in ins), default=-1)
-            self._levels = (self._version(), lv)
+            self._levels = (self._changes, lv)
         return self._levels[1]
-
-    def _version(self) -> tuple:
-        return (self.next_id, len(self.nodes), id(self._by_sig), id(self._by_op))
 
     def depends_on(self, value, targets: set) -> bool:
         """Whether ``value`` is computed (transitively) from any node in ``targets``."""

@@ -17,6 +17,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from .errors import GraphoptError
 from .rewrite import INPUT, MGraph, Pattern, apply_match, find_matches, replacement_plan
 from .ir import OPAQUE
 
@@ -76,20 +77,23 @@ class GraphCost:
 
 
 def apply_all(mg: MGraph, matches) -> tuple:
-    """Apply as many of the matches as do not overlap, on one copy; returns (graph, count)."""
+    """Apply as many of the matches as do not overlap, on one copy; returns (graph, count).
+
+    Each match was checked against ``mg`` (no cycle); rewriting several sites at
+    once could still close one, rarely, so the result is checked once and, if
+    cyclic, only the first match is applied."""
     cur, done = mg.copy(), 0
     for m in matches:
-        if done and not (_still_valid(cur, mg, m) and _acyclic(cur, m)):
+        if done and not _still_valid(cur, mg, m):
             continue
         if apply_match(cur, m, inplace=True) is not None:
             done += 1
+    if done > 1:
+        try:
+            cur.topo_order()
+        except GraphoptError:
+            return apply_all(mg, matches[:1])
     return cur, done
-
-
-def _acyclic(cur: MGraph, m) -> bool:
-    inside = set(m.nodes.values())
-    return not any(cur.depends_on(m.values[i.name], inside)
-                   for i in m.pattern.lhs.inputs if i.name in m.values)
 
 
 def _still_valid(cur: MGraph, orig: MGraph, m) -> bool:
