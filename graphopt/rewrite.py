@@ -264,7 +264,6 @@ class Pattern:
     lhs: Graph
     rhs: Graph
     order: list = field(default_factory=list)   # lhs node indices in matching order
-    ops: frozenset = frozenset()
     op_counts: tuple = ()   # ((op, how many lhs nodes), ...): a graph needs at least these
     anchor_sig: tuple = ()  # (op, producer op of each input or None): see MGraph.by_signature
 
@@ -272,7 +271,6 @@ class Pattern:
     def of(rule, reverse: bool = False) -> "Pattern":
         lhs, rhs = (rule.dst, rule.src) if reverse else (rule.src, rule.dst)
         p = Pattern(rule.id + ("-" if reverse else "+"), lhs, rhs)
-        p.ops = frozenset(n.op for n in lhs.nodes)
         counts: dict = {}
         for n in lhs.nodes:
             counts[n.op] = counts.get(n.op, 0) + 1
