@@ -14,7 +14,7 @@ import numpy as np
 from .progress import Progress
 from .rules import Rule, RuleLibrary
 from .verify import (FloatPlan, TOLERANCES, close, float_check, graph_symbols, instantiations,
-                     random_inputs, z3_check)
+                     random_inputs, typechecks, z3_check)
 
 
 @dataclass
@@ -30,7 +30,7 @@ def check_rule(rule: Rule, seed: int = 12345, dtypes=("float32",), z3: bool = Fa
     plan = FloatPlan(seeds=(seed, seed + 1, seed + 2), shapes=3, shape_seed=seed)
     if not float_check(rule.src, rule.dst, plan):
         return "float64 reference outputs differ"
-    for binding in instantiations(graph_symbols(rule.src), 2, seed):
+    for binding in instantiations(graph_symbols(rule.src), 2, seed, valid=lambda b: typechecks(rule.src, b)):
         src_fn, dst_fn = rule.src.to_torch(binding), rule.dst.to_torch(binding)
         env = random_inputs(rule.src, binding, seed)
         expected = rule.src.evaluate(env, "ref", binding)

@@ -30,9 +30,13 @@ class Input:
     shape: tuple  # of Dim
     dtype: str = "float32"
     const: bool = False  # a parameter/buffer/literal whose value is in Graph.constants
+    guard: str | None = None  # rule inputs only: a condition on the value (see graphopt.guards)
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": [str(d) for d in self.shape], "dtype": self.dtype}
+        out = {"name": self.name, "shape": [str(d) for d in self.shape], "dtype": self.dtype}
+        if self.guard:
+            out["guard"] = self.guard
+        return out
 
 
 @dataclass(frozen=True)
@@ -84,12 +88,15 @@ class Graph:
     payloads: dict = field(default_factory=dict)    # opaque node index -> frontend payload
 
     # -- construction ---------------------------------------------------------------
-    def add_input(self, name: str, shape, dtype: str = "float32") -> str:
+    def add_input(self, name: str, shape, dtype: str = "float32", guard: str | None = None) -> str:
         if dtype not in FLOAT_DTYPES:
             raise ShapeError(f"input {name!r}: unsupported dtype {dtype!r}")
         if any(i.name == name for i in self.inputs) or name.startswith("%"):
             raise ShapeError(f"input name {name!r} is invalid or used twice")
-        self.inputs.append(Input(name, shape_of(shape), dtype))
+        if guard is not None:
+            from .guards import get_guard
+            get_guard(guard)
+        self.inputs.append(Input(name, shape_of(shape), dtype, guard=guard))
         return name
 
     def add_external(self, name: str, shape, dtype: str, value=None) -> str:
@@ -229,7 +236,7 @@ class Graph:
         g = Graph()
         try:
             for spec in inputs:
-                g.add_input(spec["name"], spec["shape"], spec.get("dtype", "float32"))
+                g.add_input(spec["name"], spec["shape"], spec.get("dtype", "float32"), spec.get("guard"))
             if not isinstance(body.get("nodes"), list) or not isinstance(body.get("outputs", []), list):
                 raise RuleFormatError(f'{where}: malformed graph: "nodes" must be a list (and "outputs" too)')
             for k, n in enumerate(body["nodes"]):
@@ -255,7 +262,8 @@ class Graph:
 
     def describe(self) -> str:
         """Human-readable listing, one node per line."""
-        lines = [f"  {i.name}: {shape_str(i.shape)} {i.dtype}" for i in self.inputs]
+        lines = [f"  {i.name}: {shape_str(i.shape)} {i.dtype}" + (f" [guard: {i.guard}]" if i.guard else "")
+                 for i in self.inputs]
         for idx, n in enumerate(self.nodes):
             attrs = ", ".join(f"{k}={v}" for k, v in n.attrs if not _is_default(n.op, k, v))
             args = ", ".join(n.inputs) + (f"; {attrs}" if attrs else "")

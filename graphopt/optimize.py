@@ -64,6 +64,38 @@ class GraphReport:
     folded: int = 0
     max_abs_diff: float = 0.0
     fallback: str | None = None
+    attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
+
+
+def _attention_blocks(imp) -> int:
+    """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
+    from .ir import OPAQUE
+    from .ops import get_op
+    targets = {t for form in get_op("softmax").fx for t in form.targets}
+    n = 0
+    for idx, node in enumerate(imp.graph.nodes):
+        if node.op == "softmax":
+            n += 1
+        elif node.op == OPAQUE:
+            fx_node = imp.graph.payloads[idx].node
+            target = f"method:{fx_node.target}" if fx_node.op == "call_method" else fx_node.target
+            try:
+                n += target in targets
+            except TypeError:
+                pass
+    return n
+
+
+def _fused_attention(mg) -> Counter:
+    out = Counter()
+    for n in mg.nodes.values():
+        if n.op in ("sdpa", "sdpa_masked"):
+            attrs = dict(n.attrs)
+            out["fused"] += 1
+            out["causal"] += bool(attrs.get("is_causal"))
+            out["masked"] += n.op == "sdpa_masked"
+            out["gqa"] += bool(attrs.get("enable_gqa"))
+    return out
 
 
 @dataclass
@@ -108,6 +140,15 @@ class Report:
     def max_abs_diff(self) -> float:
         return max((g.max_abs_diff for g in self.graphs), default=0.0)
 
+    @property
+    def attention(self) -> dict:
+        total = Counter()
+        for g in self.graphs:
+            total["blocks"] += g.attention["blocks"]
+            if not g.fallback:
+                total.update({k: v for k, v in g.attention.items() if k != "blocks"})
+        return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa")}
+
     def to_json(self) -> dict:
         return {
             "graphs": len(self.graphs),
@@ -120,6 +161,7 @@ class Report:
             "search_seconds": round(self.search_seconds, 3),
             "folded_constants": sum(g.folded for g in self.graphs),
             "max_abs_diff": self.max_abs_diff,
+            "attention": self.attention,
             "fallbacks": self.fallbacks,
         }
 
@@ -134,6 +176,10 @@ class Report:
                 lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
         else:
             lines.append("  rules applied  none")
+        a = j["attention"]
+        if a["blocks"] or a["fused"]:
+            lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
+                         f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
         lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
         for f in j["fallbacks"]:
             lines.append(f"  FALLBACK       {f}")
@@ -208,6 +254,7 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
         imp = import_fx(gm, example_inputs, constant_inputs=_parameters(gm, example_inputs))
         rep.nodes = len(imp.graph.nodes)
         rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
+        rep.attention["blocks"] = _attention_blocks(imp)
         mg, _ = MGraph.from_graph(imp.graph)
         cost_model = _cost_model(opts, example_inputs)
         res = search(mg, _patterns(opts.rules), cost_model, alpha=opts.alpha, budget=opts.budget,
@@ -220,6 +267,7 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
             return gm, rep
         folded_graph, folded = fold_constants(res.graph, imp.graph.constants)
         rep.folded = len(folded)
+        rep.attention.update(_fused_attention(folded_graph))
         new_gm = export_fx(imp, to_graph(folded_graph, imp.graph, folded))
         rep.cost_after = GraphCost(cost_model)(folded_graph)
     except Exception as e:  # never crash the user's model: keep the original graph
@@ -264,10 +312,17 @@ def _verify(original, optimized, example_inputs, opts: Options):
                 fresh.append(t)
         trials.append(fresh)
     worst = 0.0
+    # module state the graph writes to (a static KV cache): put back after every trial run
+    from .frontends.fx import fetch_attr, mutated_roots
+    state = [fetch_attr(original, n.target) for n in mutated_roots(original) if n.op == "get_attr"]
+    saved = [t.clone() for t in state]
     with torch.no_grad():
         for args in trials:
-            try:
-                a, b = original(*args), optimized(*args)
+            try:  # on copies: a graph may update its inputs in place (a KV cache, a position counter)
+                a = original(*_copies(args))
+                _restore(state, saved)
+                b = optimized(*_copies(args))
+                _restore(state, saved)
             except Exception as e:
                 return False, float("inf"), f"the optimised graph raised {type(e).__name__}: {e}"
             fa, fb = _flatten(a), _flatten(b)
@@ -294,6 +349,17 @@ def _verify(original, optimized, example_inputs, opts: Options):
                 if d > atol * scale + rtol * scale:
                     return False, worst, f"max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
     return True, worst, None
+
+
+def _restore(state, saved) -> None:
+    with torch.no_grad():
+        for t, s in zip(state, saved):
+            t.copy_(s)
+
+
+def _copies(args) -> list:
+    return [t.clone() if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) else t
+            for t in args]
 
 
 def _flatten(x) -> list:

@@ -50,6 +50,8 @@ class MGraph:
         self._by_sig: dict | None = None
         self._changes = 0                # bumped by every mutation; keys derived caches
         self._levels: tuple | None = None
+        self.constants: dict = {}        # const input name -> value (read by guarded rules)
+        self._guard_ok: dict = {}        # (input name, guard) -> bool
 
     # -- building ------------------------------------------------------------------
     def add_node(self, node: MNode, intern: bool = True) -> int:
@@ -87,6 +89,7 @@ class MGraph:
             for j in range(len(outs)):
                 value_of[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
         mg.outputs = [value_of[r] for r in graph.outputs]
+        mg.constants = graph.constants
         return mg, value_of
 
     def copy(self) -> "MGraph":
@@ -97,7 +100,19 @@ class MGraph:
         new.next_id = self.next_id
         new._intern = dict(self._intern)
         new._changes, new._levels = self._changes, self._levels  # same graph: caches stay valid
+        new.constants, new._guard_ok = self.constants, self._guard_ok
         return new
+
+    def passes_guard(self, value, guard: str) -> bool:
+        """Whether ``value`` is a constant input whose value passes the guard."""
+        node = self.nodes[value[0]]
+        if node.op != INPUT or not node.const or node.name not in self.constants:
+            return False
+        key = (node.name, guard)
+        if key not in self._guard_ok:
+            from .guards import get_guard
+            self._guard_ok[key] = get_guard(guard).check(self.constants[node.name])
+        return self._guard_ok[key]
 
     # -- queries ----------------------------------------------------------------------
     def type_of(self, value) -> tuple:
@@ -390,7 +405,7 @@ def _extend(mg, pattern, step, nodes, values, binding):
             if not dtype.startswith(("float", "bfloat")):
                 return  # rules are about real arithmetic: any float dtype, nothing else
             b = _bind_type(binding, pin.shape, shape)
-            if b is None:
+            if b is None or (pin.guard and not mg.passes_guard(gval, pin.guard)):
                 return
             binding = b
         elif key in nodes and nodes[key] != gval[0]:
@@ -489,8 +504,12 @@ def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | Non
         return None
     new = mg if inplace else mg.copy()
     env = {inp.name: match.values[inp.name] for inp in p.rhs.inputs}
+    matched = set(match.nodes.values())
     for idx, (node, attrs, outs) in enumerate(plan):
-        nid = new.add_node(MNode(node.op, tuple(env[r] for r in node.inputs), attrs, outs))
+        mnode = MNode(node.op, tuple(env[r] for r in node.inputs), attrs, outs)
+        nid = new.add_node(mnode)
+        if nid in matched:  # it interned to a node being replaced (relu(X) -> relu(relu(X))): a fresh copy
+            nid = new.add_node(mnode, intern=False)
         for j in range(len(outs)):
             env[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
     pairs = [(match.values[lref], env[rref]) for lref, rref in zip(p.lhs.outputs, p.rhs.outputs)]

@@ -214,7 +214,7 @@ def canonical_key(rule: Rule) -> str:
     inputs = rule.inputs
     groups: dict = {}
     for i in inputs:
-        groups.setdefault((len(i.shape), i.dtype), []).append(i)
+        groups.setdefault((len(i.shape), i.dtype, i.guard or ""), []).append(i)
     best = None
     group_list = list(groups.values())
     for perm in itertools.product(*(itertools.permutations(g) for g in group_list)):
@@ -226,7 +226,7 @@ def canonical_key(rule: Rule) -> str:
                 for s in d.symbols:
                     syms.setdefault(s, f"s{len(syms)}")
         head = ";".join(f"{names[i.name]}:{','.join(str(d.rename(syms)) for d in i.shape)}:{i.dtype}"
-                        for i in order)
+                        + (f":{i.guard}" if i.guard else "") for i in order)
         sides = []
         for g in (rule.src, rule.dst):
             memo: dict = {}

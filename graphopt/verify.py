@@ -15,9 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dims import evaluate_shape, shape_symbols
-from .errors import NotAlgebraic
-from .ir import Graph
+from .dims import evaluate_shape, shape_of, shape_symbols
+from .errors import NotAlgebraic, ShapeError
+from .guards import get_guard
+from .ir import Graph, concrete_attrs, node_ref
+from .ops import get_op
 
 # (rtol, atol) for comparing two computations of the same value in a dtype
 TOLERANCES = {
@@ -40,20 +42,26 @@ def graph_symbols(graph: Graph) -> list:
     return out
 
 
-def instantiations(symbols, count: int, seed: int = 0) -> list:
+def instantiations(symbols, count: int, seed: int = 0, valid=None) -> list:
     """``count`` bindings of the symbols to sizes.
 
     Each binding gives every symbol a different size where possible.  The first
     is increasing in symbol order and the second decreasing, so every pair of
     symbols is tried in both size orders: a rule that holds only when ``d < c``
     (a split that is not at a concat boundary, say) fails one of them.  Later
-    bindings are shuffled.  ``seed`` chooses the sizes.
+    bindings are shuffled.  ``seed`` chooses the sizes.  ``valid(binding)`` (optional)
+    skips bindings at which the rule does not type-check (grouped-query attention
+    needs the query heads to be a multiple of the key/value heads).
     """
     rng = np.random.default_rng(seed + 7919)
     n = len(symbols)
     out: list = []
     k = 0
     while len(out) < count:
+        if k > 1000:
+            if out:
+                break
+            raise ValueError(f"no size binding of {symbols} type-checks the rule")
         sizes = sorted(int(x) for x in rng.choice(_SIZES, size=min(max(n, 1), len(_SIZES)), replace=False))
         if k % 3 == 1:
             sizes.reverse()
@@ -61,6 +69,8 @@ def instantiations(symbols, count: int, seed: int = 0) -> list:
             rng.shuffle(sizes)
         k += 1
         binding = {s: sizes[i % len(sizes)] for i, s in enumerate(symbols)}
+        if valid is not None and not valid(binding):
+            continue
         if binding not in out or not symbols:
             out.append(binding)
     return out
@@ -75,7 +85,9 @@ def random_inputs(graph: Graph, binding: dict, seed: int, dtype=np.float64, batc
         shape = evaluate_shape(inp.shape, binding)
         if batch and shape:
             shape = (batch,) + shape
-        if shape == ():
+        if inp.guard:
+            env[inp.name] = get_guard(inp.guard).sample(shape, rng).astype(dtype)
+        elif shape == ():
             env[inp.name] = np.array(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0), dtype=dtype)
         else:
             env[inp.name] = rng.uniform(-1.0, 1.0, size=shape).astype(dtype)
@@ -105,11 +117,28 @@ class FloatPlan:
 
     def cases(self, graph: Graph) -> list:
         """(binding, seed, batch) triples: seeds x shape instantiations, plus one batched case."""
-        bindings = instantiations(graph_symbols(graph), self.shapes, self.shape_seed)
+        bindings = instantiations(graph_symbols(graph), self.shapes, self.shape_seed,
+                                  valid=lambda b: typechecks(graph, b))
         out = [(b, s, None) for b in bindings for s in self.seeds]
         if self.batch:
             out.append((bindings[-1], self.seeds[0] + 1000, self.batch))
         return out
+
+
+def typechecks(graph: Graph, binding: dict) -> bool:
+    """Whether every node's shape inference accepts the graph at these sizes."""
+    types = {i.name: (evaluate_shape(i.shape, binding), i.dtype) for i in graph.inputs}
+    for idx, node in enumerate(graph.nodes):
+        opdef = get_op(node.op)
+        ins = [types[r] for r in node.inputs]
+        try:
+            outs = opdef.infer_checked([shape_of(s) for s, _ in ins], [dt for _, dt in ins],
+                                       opdef.full_attrs(concrete_attrs(node.attrs, binding)))
+        except ShapeError:
+            return False
+        for j, (shape, dt) in enumerate(outs):
+            types[node_ref(idx, j, len(outs))] = (tuple(d.const for d in shape), dt)
+    return True
 
 
 def float_outputs(graph: Graph, cases) -> list:

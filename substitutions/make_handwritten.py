@@ -23,8 +23,8 @@ PLAN = FloatPlan(seeds=(1, 2, 3), shapes=2)
 
 def _graph(inputs):
     g = Graph()
-    for name, shape in inputs:
-        g.add_input(name, shape)
+    for name, shape, *guard in inputs:
+        g.add_input(name, shape, guard=guard[0] if guard else None)
     return g
 
 
@@ -42,23 +42,89 @@ def rule(name, inputs, build_src, build_dst, reason) -> Rule:
 
 
 X = [("X", ["a", "b"])]
-QKV = [("Q", ["t", "d"]), ("K", ["n", "d"]), ("V", ["n", "e"]), ("s", [])]
+S = [("s", [])]
+QKV = [("Q", ["t", "d"]), ("K", ["n", "d"]), ("V", ["n", "e"])]
+GQA = [("Q", ["h", "t", "d"]), ("K", ["g", "n", "d"]), ("V", ["g", "n", "e"])]
+MASK = [("M", ["t", "n"])]
+
+# where the model applies the scale 1/sqrt(d): to the scores, or folded into Q or K;
+# as a multiplication or a division (whose scale for SDPA is recip(s), folded exactly)
+SCALINGS = {
+    "mul": lambda g: g.add("smul", g.add("matmul", "Q", g.add("transpose", "K")), "s"),
+    "div": lambda g: g.add("sdiv", g.add("matmul", "Q", g.add("transpose", "K")), "s"),
+    "q-mul": lambda g: g.add("matmul", g.add("smul", "Q", "s"), g.add("transpose", "K")),
+    "q-div": lambda g: g.add("matmul", g.add("sdiv", "Q", "s"), g.add("transpose", "K")),
+    "k-mul": lambda g: g.add("matmul", "Q", g.add("transpose", g.add("smul", "K", "s"))),
+    "k-div": lambda g: g.add("matmul", "Q", g.add("transpose", g.add("sdiv", "K", "s"))),
+}
 
 
-def _scores(g, scale_op):
-    return g.add(scale_op, g.add("matmul", "Q", g.add("transpose", "K")), "s")
+def _scale(g, how):
+    return g.add("recip", "s") if how.endswith("div") else "s"
 
 
-RULES = [
-    rule("attention-scale-mul", QKV,
-         lambda g: g.add("matmul", g.add("softmax", _scores(g, "smul")), "V"),
-         lambda g: g.add("sdpa", "Q", "K", "V", "s"),
-         "fused attention: softmax(Q K^T * s) V, the T x T scores never materialised"),
-    rule("attention-scale-div", QKV,
-         lambda g: g.add("matmul", g.add("softmax", _scores(g, "sdiv")), "V"),
-         lambda g: g.add("sdpa", "Q", "K", "V", g.add("recip", "s")),
-         "fused attention: softmax(Q K^T / s) V; the scale 1/s is exact (folded from the constant s)"),
-    rule("sdiv-to-smul-recip", X + [("s", [])],
+def attention_rules() -> list:
+    """softmax(scores [+ M]) @ V -> sdpa / sdpa_masked, for each placement of the scale."""
+    out = []
+    for how, scores in SCALINGS.items():
+        scale = "scale" if how in ("mul", "div") else how[:1] + "-scale"
+        kind = how.split("-")[-1]
+        out.append(rule(
+            f"attention-{scale}-{kind}", QKV + S,
+            lambda g, f=scores: g.add("matmul", g.add("softmax", f(g)), "V"),
+            lambda g, h=how: g.add("sdpa", "Q", "K", "V", _scale(g, h)),
+            "fused attention: softmax(Q K^T * s) V, the T x T scores never materialised"))
+        out.append(rule(
+            f"attention-masked-{scale}-{kind}", QKV + MASK + S,
+            lambda g, f=scores: g.add("matmul", g.add("softmax", g.add("badd", f(g), "M")), "V"),
+            lambda g, h=how: g.add("sdpa_masked", "Q", "K", "V", "M", _scale(g, h)),
+            "fused attention with an additive mask M (broadcast over batch and heads)"))
+    return out
+
+
+def mask_rules() -> list:
+    """A constant mask that is provably causal (or all zeros) becomes is_causal (or goes)."""
+    out = []
+    for gqa in (False, True):
+        ins, tag = (GQA, "-gqa") if gqa else (QKV, "")
+        mshape = ["1", "t", "n"] if gqa else ["t", "n"]  # with a head axis: one mask for all heads
+        causal = ("M", mshape, "causal")
+        zeros = ("M", mshape, "zeros")
+        out.append(rule(
+            f"causal-mask{tag}", ins + [causal] + S,
+            lambda g, q=gqa: g.add("sdpa_masked", "Q", "K", "V", "M", "s", enable_gqa=q),
+            lambda g, q=gqa: g.add("sdpa", "Q", "K", "V", "s", is_causal=True, enable_gqa=q),
+            "the mask is the causal mask (guard checked on its value): SDPA's is_causal, "
+            "which the flash kernels accept"))
+        out.append(rule(
+            f"zero-mask{tag}", ins + [zeros] + S,
+            lambda g, q=gqa: g.add("sdpa_masked", "Q", "K", "V", "M", "s", enable_gqa=q),
+            lambda g, q=gqa: g.add("sdpa", "Q", "K", "V", "s", enable_gqa=q),
+            "the mask masks nothing (guard checked on its value): no mask"))
+    return out
+
+
+def gqa_rules() -> list:
+    """Repeated key/value heads (grouped-query attention) -> SDPA's enable_gqa."""
+    def rep(g, x):
+        return g.add("repeat_heads", x, heads="h")
+    out = []
+    for causal in (False, True):
+        out.append(rule(
+            "gqa" + ("-causal" if causal else ""), GQA + S,
+            lambda g, c=causal: g.add("sdpa", "Q", rep(g, "K"), rep(g, "V"), "s", is_causal=c),
+            lambda g, c=causal: g.add("sdpa", "Q", "K", "V", "s", is_causal=c, enable_gqa=True),
+            "grouped-query attention without materialising the repeated K/V heads"))
+    out.append(rule(
+        "gqa-masked", GQA + [("M", ["1", "t", "n"])] + S,
+        lambda g: g.add("sdpa_masked", "Q", rep(g, "K"), rep(g, "V"), "M", "s"),
+        lambda g: g.add("sdpa_masked", "Q", "K", "V", "M", "s", enable_gqa=True),
+        "grouped-query attention without materialising the repeated K/V heads"))
+    return out
+
+
+RULES = attention_rules() + mask_rules() + gqa_rules() + [
+    rule("sdiv-to-smul-recip", X + S,
          lambda g: g.add("sdiv", "X", "s"), lambda g: g.add("smul", "X", g.add("recip", "s")),
          "canonical form: dividing by a scalar is multiplying by its reciprocal"),
     rule("transpose-involution", X,
@@ -70,7 +136,7 @@ RULES = [
     rule("relu-idempotent", X,
          lambda g: g.add("relu", g.add("relu", "X")), lambda g: g.add("relu", "X"),
          "the relu surrogate x(x+1)+1 is not idempotent, so fingerprints miss it"),
-    rule("sdiv-smul-cancel", X + [("s", [])],
+    rule("sdiv-smul-cancel", X + S,
          lambda g: g.add("sdiv", g.add("smul", "X", "s"), "s"), lambda g: "X",
          "a target without operators cannot be enumerated"),
 ]

@@ -2,6 +2,8 @@
 (unknown ops opaque), write them back, and get the same results."""
 import pytest
 import torch
+
+from graphopt.dims import shape_of
 import torch.nn as nn
 
 from graphopt.backends.fx import export_fx
@@ -146,12 +148,19 @@ def test_spellings(call, op, attrs):
     _assert_same(export_fx(imp)(*example), gm(*example))
 
 
-def test_add_with_broadcast_stays_opaque():
-    """The registry's add needs equal shapes; a broadcasting add is left alone, not mis-modelled."""
-    (gm, example), = _capture(lambda x, b: x + b, torch.randn(4, 6), torch.randn(6))
+def test_broadcasting_add_is_badd():
+    """The registry's add needs equal shapes; a broadcasting add (bias, mask) is badd, with
+    the full-size operand first whichever side it was written on."""
+    (gm, example), = _capture(lambda x, b: b + x, torch.randn(4, 6), torch.randn(6))
+    imp = import_fx(gm)
+    assert [n.op for n in imp.graph.nodes] == ["badd"]
+    assert [imp.graph.type_of(r)[0] for r in imp.graph.nodes[0].inputs] == [shape_of((4, 6)), shape_of((6,))]
+
+
+def test_add_that_broadcasts_both_ways_stays_opaque():
+    (gm, example), = _capture(lambda x, b: x + b, torch.randn(4, 1), torch.randn(6))
     imp = import_fx(gm)
     assert [n.op for n in imp.graph.nodes] == [OPAQUE]
-    _assert_same(export_fx(imp)(*example), gm(*example))
 
 
 def test_opaque_node_returning_a_tuple():

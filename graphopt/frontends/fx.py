@@ -63,12 +63,9 @@ def _tensor_type(value):
     """(shape, dtype name) for a tensor with concrete shape, else None."""
     if not isinstance(value, torch.Tensor):
         return None
-    try:
-        shape = tuple(int(d) for d in value.shape)
-    except (TypeError, ValueError):  # symbolic sizes
+    if any(not isinstance(d, int) for d in value.shape):  # symbolic sizes: int() would specialise them
         return None
-    if any(not isinstance(d, int) for d in value.shape):
-        return None
+    shape = tuple(value.shape)
     dtype = _DTYPE_NAMES.get(value.dtype)
     return None if dtype is None else (shape, dtype)
 
@@ -92,6 +89,22 @@ class _Ctx:
     def rank(self, a) -> int:
         return len(self.imp.graph.type_of(self.imp.ref_of[a])[0])
 
+    def shape(self, a) -> tuple:
+        return tuple(d.const for d in self.imp.graph.type_of(self.imp.ref_of[a])[0])
+
+    def dtype(self, a) -> str:
+        return self.imp.graph.type_of(self.imp.ref_of[a])[1]
+
+    def const_value(self, a):
+        """The value of a constant tensor (a folded literal or a weight), else None."""
+        ref = self.imp.ref_of.get(a) if isinstance(a, fx.Node) else None
+        return self.imp.graph.constants.get(ref) if isinstance(ref, str) else None
+
+    @staticmethod
+    def meta(a):
+        """The fake tensor (or value) an fx node carries, for looking at producers."""
+        return _meta_value(a) if isinstance(a, fx.Node) else None
+
 
 def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> FxImport:
     """Import a GraphModule into an IR Graph (the module itself is not modified).
@@ -111,21 +124,32 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
         _propagate(gm, example_inputs)
     spell = _spellings()
     g = Graph()
-    imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0})
+    imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0, "folded": 0})
     names = set()
+    folded = fold_literals(gm)
+    mutated = mutated_roots(gm)
     for node in gm.graph.nodes:
-        if node.op == "placeholder":
+        if node in folded:
+            if folded[node] is not None:  # used outside the folded part: a constant input
+                value = folded[node]
+                imp.ref_of[node] = g.add_external(_unique(node.name, names), tuple(value.shape),
+                                                  _DTYPE_NAMES[value.dtype], value=value)
+                imp.counts["folded"] += 1
+        elif node.op == "call_function" and node.target in _DROPPED:
+            pass  # a trace-time metadata check: it held when the graph was captured
+        elif node.op == "placeholder":
             imp.placeholders.append(node)
             t = _tensor_type(_meta_value(node))
             if t is not None:
-                value = (constant_inputs or {}).get(node)
+                value = None if node in mutated else (constant_inputs or {}).get(node)
                 imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
                                                   value=None if value is None else value.detach())
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
             t = _tensor_type(value)
-            if t is not None:
-                imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1], value=value)
+            if t is not None:  # a weight or buffer: a constant, unless the graph writes to it (a KV cache)
+                imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
+                                                  value=None if node in mutated else value)
             else:
                 _opaque(imp, node)
         elif node.op == "output":
@@ -134,13 +158,122 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
             g.outputs = [imp.ref_of[a] for a in args]
         elif node.op == "call_function" and node.target is operator.getitem and _getitem(imp, node):
             pass
-        elif node.op == "call_function" and _composite(imp, node):
+        elif node.op in ("call_function", "call_method") and _composite(imp, node, names):
             imp.counts["ops"] += 1
         elif node.op in ("call_function", "call_method") and _registry_op(imp, node, spell, names):
             imp.counts["ops"] += 1
         else:
             _opaque(imp, node)
     return imp
+
+
+# calls dropped on import: torch.export's checks of a tensor's dtype/device, which held
+# when the graph was traced and hold in the rewritten graph (rewrites never change types)
+_DROPPED = (torch.ops.aten._assert_tensor_metadata.default,)
+
+# never folded: values that differ from call to call, or calls run for their effects
+_IMPURE_WORDS = ("rand", "bernoulli", "dropout", "normal", "uniform", "multinomial", "poisson",
+                 "exponential", "cauchy", "geometric", "empty", "seed", "grad", "assert", "print",
+                 "log_api", "record", "profiler", "set_")
+
+# folded values larger than this (elements) stay computed at run time
+MAX_FOLD_NUMEL = 1 << 26
+
+
+def _pure_call(node) -> bool:
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+    name = str(name).lower().split(".")[0]
+    if any(w in name for w in _IMPURE_WORDS) or _mutates(node):
+        return False
+    try:
+        return not node.is_impure()
+    except Exception:  # noqa: BLE001  (an unusual target: leave it alone)
+        return False
+
+
+def fold_literals(gm: fx.GraphModule) -> dict:
+    """Compute now the values that depend on no input, parameter or buffer.
+
+    Attention masks are such values in Hugging Face models (built from ``arange``
+    comparisons, ``tril`` or ``full(...).triu()`` at the traced sequence length);
+    folding them lets guarded rules see that a mask is causal.  Only pure calls
+    are folded, never random ones or buffers (which may change between calls).
+
+    Returns:
+        fx node -> its value if the value is used by the rest of the graph (a tensor),
+        or None if it is only used by other folded nodes.
+    """
+    values: dict = {}
+    written = _written(gm)  # a tensor updated in place later (a lazily created cache) is no constant
+    for node in gm.graph.nodes:
+        if not _pure_call(node) or node in written or any(a not in values for a in node.all_input_nodes):
+            continue
+        meta = _meta_value(node)
+        if not isinstance(meta, (torch.Tensor, numbers.Number, tuple, list)) or isinstance(meta, bool):
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: values[a])
+        try:
+            with torch.no_grad():
+                fn = getattr(args[0], node.target) if node.op == "call_method" else node.target
+                value = fn(*args[1:], **kwargs) if node.op == "call_method" else fn(*args, **kwargs)
+        except Exception:  # noqa: BLE001  (cannot run it here: leave it to run time)
+            continue
+        if isinstance(value, torch.Tensor) and (value.numel() > MAX_FOLD_NUMEL or value.is_complex()
+                                                or value.requires_grad):
+            continue
+        values[node] = value
+    # keep a node folded only if every use outside the folded part can read it as a constant
+    changed = True
+    while changed:
+        changed = False
+        for node in list(values):
+            outside = [u for u in node.users if u not in values]
+            if outside and not (isinstance(values[node], torch.Tensor) and _tensor_type(values[node])):
+                del values[node]
+                changed = True
+    return {n: (v if any(u not in values for u in n.users) else None) for n, v in values.items()}
+
+
+_INPLACE_OPERATORS = (operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.iand, operator.ior, operator.ixor, operator.imatmul)
+
+
+def _mutates(node) -> bool:
+    """An in-place call (``x[i] = v``, ``x.add_(y)``, ``out=``): aliasing its operand is unsafe."""
+    if node.op not in ("call_function", "call_method"):
+        return False
+    if node.target in _INPLACE_OPERATORS or "out" in node.kwargs:
+        return True
+    if node.op == "call_method":
+        name = node.target
+    elif isinstance(node.target, torch._ops.OpOverload):
+        name = node.target.__name__.split(".")[0]
+    else:  # a torch function: in-place ones end in "_" (operator.and_ is not one)
+        name = getattr(node.target, "__name__", "") if getattr(node.target, "__module__", "") != "_operator" else ""
+    return name.endswith("_") and not name.endswith("__")
+
+
+def mutated_roots(gm: fx.GraphModule) -> set:
+    """Placeholders and attributes that the graph updates in place, directly or through a
+    view (``cache.index_copy_(...)``, ``x[:, i] = v``): their values are not constants."""
+    return {n for n in _written(gm) if n.op in ("placeholder", "get_attr")}
+
+
+def _written(gm: fx.GraphModule) -> set:
+    """Every node whose value an in-place call changes: the operand and what it views."""
+    out = set()
+    for node in gm.graph.nodes:
+        if not _mutates(node) or not node.args:
+            continue
+        x = node.args[0]
+        while isinstance(x, fx.Node) and x not in out:
+            out.add(x)
+            if x.op in ("placeholder", "get_attr"):
+                break
+            x = x.args[0] if x.args else None
+    return out
 
 
 def _unique(name: str, names: set) -> str:
@@ -205,6 +338,9 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
                 literal = torch.tensor(a, dtype=getattr(torch, dtype))
                 refs.append(imp.graph.add_external(_unique(f"{node.name}_literal", names), (), dtype,
                                                    value=literal))
+            elif isinstance(a, torch.Tensor):  # a constant the spelling computed (a mask)
+                refs.append(imp.graph.add_external(_unique(f"{node.name}_const", names), tuple(a.shape),
+                                                   _DTYPE_NAMES[a.dtype], value=a))
             else:
                 break
         else:
@@ -224,11 +360,12 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
     return False
 
 
-def _composite(imp: FxImport, node) -> bool:
-    """A call that is several registry ops (see ``ops.composites``)."""
-    from ..ops.composites import COMPOSITES
+def _composite(imp: FxImport, node, names) -> bool:
+    """A call that is several registry ops, or none (see ``ops.composites``)."""
+    from ..ops.composites import ALIAS, COMPOSITES
+    target = f"method:{node.target}" if node.op == "call_method" else node.target
     try:
-        fn = COMPOSITES.get(node.target)
+        fn = COMPOSITES.get(target)
     except TypeError:
         return False
     types = [_tensor_type(_meta_value(node))]
@@ -237,6 +374,14 @@ def _composite(imp: FxImport, node) -> bool:
     steps = fn(node.args, dict(node.kwargs), _Ctx(imp, [types[0][0]]))
     if not steps:
         return False
+    if steps[0] == ALIAS:  # the call returns its input's value: no op at all
+        src = steps[1]
+        if src not in imp.ref_of or _tensor_type(_meta_value(src)) != types[0] \
+                or _meta_value(src).device != _meta_value(node).device \
+                or any(_mutates(u) for u in (*node.users, *src.users)):
+            return False
+        imp.ref_of[node] = imp.ref_of[src]
+        return True
     g, mark, refs = imp.graph, len(imp.graph.nodes), []
     try:
         for op, inputs, attrs in steps:

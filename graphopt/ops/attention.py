@@ -1,8 +1,11 @@
-"""Attention: softmax, the reciprocal of a scalar, and fused scaled dot-product attention.
+"""Attention: softmax, the reciprocal of a scalar, fused scaled dot-product attention
+(without and with an additive mask), and the repetition of key/value heads of
+grouped-query attention.
 
 None of these is enumerated by the generator; hand-written rules
-(``substitutions/handwritten.json``) relate the unfused attention subgraph to
-``sdpa``, and pass the same float verifier as every other rule.
+(``substitutions/handwritten.json``, built by ``substitutions/make_handwritten.py``)
+relate the unfused attention subgraph to ``sdpa``/``sdpa_masked`` and pass the
+same float verifier as every other rule.
 """
 from __future__ import annotations
 
@@ -55,31 +58,46 @@ def _sdpa_infer(shapes, dtypes, attrs):
     q, k, v, s = shapes
     if len(s) != 0:
         raise ShapeError("sdpa: the scale must be a scalar (shape ())")
+    _check_qkv(q, k, v, attrs["enable_gqa"])
+    return [(q[:-1] + (v[-1],), dtypes[0])]
+
+
+def _check_qkv(q, k, v, gqa: bool):
     if len(q) < 2 or len(k) != len(q) or len(v) != len(q):
         raise ShapeError(f"sdpa: q, k, v need the same rank >= 2, got {len(q)}, {len(k)}, {len(v)}")
     if q[-1] != k[-1] or k[-2] != v[-2]:
         raise ShapeError(f"sdpa: head sizes do not fit: q {q}, k {k}, v {v}")
     if k[:-2] != v[:-2]:
         raise ShapeError(f"sdpa: k and v batch axes differ: {k[:-2]} vs {v[:-2]}")
-    if attrs["enable_gqa"]:
+    if gqa:
         if len(q) < 3 or q[:-3] != k[:-3]:
             raise ShapeError("sdpa: grouped-query attention needs q, k, v of shape (..., heads, seq, dim)")
-        hq, hk = q[-3], k[-3]
-        if not (hq.is_const and hk.is_const) or hq.const % hk.const:
-            raise ShapeError(f"sdpa: {hq} query heads are not a multiple of {hk} key/value heads")
+        _check_groups("sdpa", q[-3], k[-3])
     elif q[:-2] != k[:-2]:
         raise ShapeError(f"sdpa: q and k batch axes differ: {q[:-2]} vs {k[:-2]}")
-    return [(q[:-1] + (v[-1],), dtypes[0])]
 
 
-def _sdpa_compute(dom, x, a):
+def _check_groups(name, heads, groups):
+    """``heads`` query heads share ``groups`` key/value heads: a multiple (checked when known)."""
+    if heads.is_const and groups.is_const and (heads.const % groups.const or heads.const < groups.const):
+        raise ShapeError(f"{name}: {heads} query heads are not a multiple of {groups} key/value heads")
+
+
+def _sdpa_flops(ins, outs, a):
+    full = 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2
+    return full // 2 if a.get("is_causal") else full
+
+
+def _sdpa_compute(dom, x, a, mask=None):
     q, k, v, s = x
     if a["enable_gqa"] and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
     scores = dom.mod(np.matmul(q, np.swapaxes(k, -1, -2)) * s)
+    if mask is not None:
+        scores = dom.mod(scores + mask)
     keep = None
-    if a["is_causal"]:
+    if a.get("is_causal"):
         t, n = scores.shape[-2], scores.shape[-1]
         keep = np.tril(np.ones((t, n), dtype=np.int64))
     return [dom.mod(np.matmul(dom.softmax(scores, -1, keep), v))]
@@ -98,5 +116,58 @@ sdpa = register(OpDef(
     infer=_sdpa_infer,
     compute=_sdpa_compute,
     lower=_sdpa_lower,
-    flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2,
+    flops=_sdpa_flops,
+))
+
+
+def _sdpa_masked_infer(shapes, dtypes, attrs):
+    q, k, v, m, s = shapes
+    if len(s) != 0:
+        raise ShapeError("sdpa_masked: the scale must be a scalar (shape ())")
+    _check_qkv(q, k, v, attrs["enable_gqa"])
+    scores = q[:-1] + (k[-2],)
+    if len(m) > len(scores) or any(dm != ds and not (dm.is_const and dm.const == 1)
+                                   for dm, ds in zip(reversed(m), reversed(scores))):
+        raise ShapeError(f"sdpa_masked: the mask's shape {m} does not broadcast to the scores' {scores}")
+    return [(q[:-1] + (v[-1],), dtypes[0])]
+
+
+def _sdpa_masked_lower(t, a):
+    q, k, v, m, s = t
+    return [F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=float(s), enable_gqa=a["enable_gqa"])]
+
+
+sdpa_masked = register(OpDef(
+    name="sdpa_masked", arity=5, algebraic=False, scalar_operand=4,
+    doc="softmax(q @ k^T * s + mask) @ v, fused; the additive mask broadcasts to the scores.",
+    attrs={"enable_gqa": AttrSpec("bool", False)},
+    infer=_sdpa_masked_infer,
+    compute=lambda dom, x, a: _sdpa_compute(dom, (x[0], x[1], x[2], x[4]), a, mask=x[3]),
+    lower=_sdpa_masked_lower,
+    flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2 + numel_int(ins[0][:-1]) * int(ins[1][-2]),
+))
+
+
+def _repeat_heads_infer(shapes, dtypes, attrs):
+    (x,) = shapes
+    if len(x) < 3:
+        raise ShapeError(f"repeat_heads: input must be (..., heads, seq, dim), got rank {len(x)}")
+    _check_groups("repeat_heads", attrs["heads"], x[-3])
+    return [(x[:-3] + (attrs["heads"],) + x[-2:], dtypes[0])]
+
+
+def _repeat_heads_compute(dom, x, a):
+    (t,) = x
+    return [np.repeat(t, int(a["heads"]) // t.shape[-3], axis=-3)]
+
+
+repeat_heads = register(OpDef(
+    name="repeat_heads", arity=1, algebraic=True,
+    doc="Each key/value head repeated for the query heads that share it (grouped-query "
+        "attention's expand + reshape): (..., g, n, d) -> (..., heads, n, d).",
+    attrs={"heads": AttrSpec("dim")},
+    infer=_repeat_heads_infer,
+    compute=_repeat_heads_compute,
+    lower=lambda t, a: [torch.repeat_interleave(t[0], int(a["heads"]) // t[0].shape[-3], dim=-3)],
+    flops=lambda ins, outs, a: 0,
 ))

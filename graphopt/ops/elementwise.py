@@ -1,4 +1,5 @@
-"""Elementwise operators: add, mul, neg, relu, exp, and tensor-by-scalar mul/div."""
+"""Elementwise operators: add, mul, neg, relu, exp, tensor-by-scalar mul/div, and the
+broadcasting add of a bias or an additive attention mask."""
 from __future__ import annotations
 
 import operator
@@ -50,6 +51,29 @@ mul = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.binary_tensors),),
+))
+
+def _badd_infer(shapes, dtypes, attrs):
+    x, b = shapes
+    if len(b) > len(x):
+        raise ShapeError(f"badd: the addend has rank {len(b)} > {len(x)}")
+    for dx, db in zip(reversed(x), reversed(b)):
+        if db != dx and not (db.is_const and db.const == 1):
+            raise ShapeError(f"badd: the addend's shape {tuple(b)} does not broadcast to {tuple(x)}")
+    return [(x, dtypes[0])]
+
+
+badd = register(OpDef(
+    name="badd", arity=2, algebraic=True,
+    doc="x + b where b broadcasts to x's shape (a bias, or an additive attention mask).",
+    infer=_badd_infer,
+    compute=lambda dom, x, a: [dom.mod(x[0] + x[1])],
+    lower=lambda t, a: [t[0] + t[1]],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((operator.add, torch.add, "method:add", aten.add.Tensor), sp.broadcast_add),
+        FxForm((torch.where, "method:where", aten.where.self, aten.where.ScalarOther), sp.where_as_mask),
+        FxForm(("method:masked_fill", torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor),
+               sp.masked_fill_as_mask)),
 ))
 
 smul = register(OpDef(

@@ -143,13 +143,71 @@ def reshape(args, kwargs, ctx):
 
 
 def softmax(args, kwargs, ctx):
-    """``softmax(x, dim)`` without a dtype change (an upcast stays opaque for now)."""
+    """``softmax(x, dim)``; a ``dtype`` argument equal to x's own dtype changes nothing.
+    (A real upcast, fp16 scores to fp32, stays opaque.)"""
     if not args or not ctx.is_tensor(args[0]):
         return None
     dim = _dim_arg(args, kwargs, 1, "dim")
+    own = getattr(torch, ctx.dtype(args[0]))
     extra = args[2:] if len(args) > 2 else ()
-    if extra not in ((), (False,), (None,)) or kwargs.get("dtype") is not None or kwargs.get("_stacklevel", 3) != 3:
+    if extra not in ((), (False,), (None,), (own,)) or kwargs.get("dtype") not in (None, own) \
+            or kwargs.get("_stacklevel", 3) != 3:
         return None
     if not isinstance(dim, int) or not _no_kwargs(kwargs, ("dim", "dtype", "_stacklevel")):
         return None
     return [args[0]], {"axis": _neg(dim, ctx.rank(args[0]))}
+
+
+def broadcast_add(args, kwargs, ctx):
+    """``x + b`` where ``b`` broadcasts to ``x`` (either order); the full-size operand first."""
+    parsed = binary_tensors(args, kwargs, ctx)
+    if parsed is None or len(ctx.out_shapes) != 1:
+        return None
+    a, b = parsed[0]
+    if ctx.shape(a) == ctx.out_shapes[0]:
+        return [a, b], {}
+    if ctx.shape(b) == ctx.out_shapes[0]:
+        return [b, a], {}
+    return None
+
+
+def _masking_fill(fill, ctx, dtype):
+    """The fill value when it masks entries out of a softmax: -inf, or at most half the
+    dtype's lowest value, so that ``x + fill`` rounds to ``fill`` (or below) for any
+    attention score and the entry's weight is exactly 0 either way."""
+    if isinstance(fill, torch.fx.Node):
+        value = ctx.const_value(fill)
+        if value is None or value.dim() != 0:
+            return None
+        fill = value.item()
+    if not isinstance(fill, numbers.Real) or isinstance(fill, bool):
+        return None
+    lowest = torch.finfo(dtype).min
+    return float(fill) if fill == float("-inf") or fill <= lowest / 2 else None
+
+
+def where_as_mask(args, kwargs, ctx):
+    """``torch.where(keep, x, fill)`` with a constant boolean ``keep`` and a masking fill
+    is ``x + where(keep, 0, fill)``: an additive mask, precomputed."""
+    if len(args) != 3 or kwargs or not ctx.is_tensor(args[1]):
+        return None
+    keep = ctx.const_value(args[0]) if isinstance(args[0], torch.fx.Node) else None
+    x = args[1]
+    dtype = getattr(torch, ctx.dtype(x))
+    fill = _masking_fill(args[2], ctx, dtype)
+    if keep is None or keep.dtype != torch.bool or fill is None:
+        return None
+    return [x, torch.where(keep, torch.zeros((), dtype=dtype), torch.full((), fill, dtype=dtype))], {}
+
+
+def masked_fill_as_mask(args, kwargs, ctx):
+    """``x.masked_fill(drop, fill)``: the same additive mask, with ``drop = ~keep``."""
+    if len(args) != 3 or kwargs or not ctx.is_tensor(args[0]):
+        return None
+    x = args[0]
+    drop = ctx.const_value(args[1]) if isinstance(args[1], torch.fx.Node) else None
+    dtype = getattr(torch, ctx.dtype(x))
+    fill = _masking_fill(args[2], ctx, dtype)
+    if drop is None or drop.dtype != torch.bool or fill is None:
+        return None
+    return [x, torch.where(drop, torch.full((), fill, dtype=dtype), torch.zeros((), dtype=dtype))], {}

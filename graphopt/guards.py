@@ -1,0 +1,70 @@
+"""Guards: conditions on the *value* of a rule input, for rules that hold only then.
+
+Most rules hold for every value of their inputs.  A few hold only for inputs of
+a known form: an additive attention mask that is the standard causal mask can
+be replaced by SDPA's ``is_causal=True``, one that is all zeros can be dropped.
+A rule input may name a guard; the matcher then binds it only to a constant
+(a folded literal, never a graph input) whose value passes :meth:`Guard.check`,
+and the verifier draws that input from :meth:`Guard.sample` instead of the
+usual random values.  Each guard is defined once, here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+# an additive mask entry at or below this excludes its key: exp(MASKED + score - max)
+# is exactly 0 in every float dtype for any score of a real model (|score| < 1e8)
+MASKED = -1e9
+
+
+def _causal_keep(t: int, n: int) -> np.ndarray:
+    """Query i sees keys j <= i (SDPA's ``is_causal``: aligned at the top left)."""
+    return np.tril(np.ones((t, n), dtype=bool))
+
+
+def _check_causal(value) -> bool:
+    import torch
+    if value.dim() < 2 or not value.dtype.is_floating_point:
+        return False
+    keep = torch.from_numpy(_causal_keep(value.shape[-2], value.shape[-1]))
+    return bool(torch.where(keep, value == 0, value <= MASKED).all())
+
+
+def _sample_causal(shape, rng) -> np.ndarray:
+    keep = _causal_keep(shape[-2], shape[-1])
+    masked = np.where(rng.random(shape) < 0.5, -np.inf, np.finfo(np.float32).min)
+    return np.where(keep, 0.0, masked)
+
+
+def _check_zeros(value) -> bool:
+    return bool(value.dtype.is_floating_point and (value == 0).all())
+
+
+@dataclass(frozen=True)
+class Guard:
+    name: str
+    doc: str
+    check: Callable    # torch tensor -> bool
+    sample: Callable   # (shape, numpy Generator) -> float64 array that passes check
+
+
+GUARDS = {g.name: g for g in (
+    Guard("causal", "an additive mask: 0 where key j <= query i, at most -1e9 (or -inf) elsewhere",
+          _check_causal, _sample_causal),
+    Guard("zeros", "an additive mask that is 0 everywhere (nothing masked)",
+          _check_zeros, lambda shape, rng: np.zeros(shape)),
+)}
+
+
+def get_guard(name: str) -> Guard:
+    from .errors import ShapeError
+    try:
+        return GUARDS[name]
+    except KeyError:
+        raise ShapeError(f"unknown guard {name!r} (known: {', '.join(sorted(GUARDS))})") from None
+
+
+__all__ = ["GUARDS", "Guard", "get_guard", "MASKED"]
