@@ -238,8 +238,12 @@ class Backend:
         self.modules.append(out)
         if opts.inductor:
             from torch._inductor.compile_fx import compile_fx
-            return compile_fx(out, example_inputs)
-        return out
+            run, original = compile_fx(out, example_inputs), gm
+        else:
+            run, original = out, gm
+        if out is gm or not any(_is_buffer(n) for n in gm.graph.nodes if n.op == "placeholder"):
+            return run
+        return BufferGuard(run, original, gm, example_inputs)
 
 
 def optimize_graph_module(gm, example_inputs, opts: Options):
@@ -286,20 +290,56 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
 
 
 def _parameters(gm, example_inputs) -> dict:
-    """Placeholders fed by nn.Parameters (Dynamo lifts a module's weights to inputs):
-    their values are known, so subgraphs of weights only can be precomputed."""
+    """Placeholders whose values are known: nn.Parameters (Dynamo lifts a module's weights
+    to inputs) and the module's buffers that the graph does not write to (a causal mask
+    registered with ``register_buffer``).  Subgraphs of them only are precomputed, and
+    guarded rules read them (is this mask causal?).  Buffers can change between calls, so
+    the optimised graph only runs while they are unchanged (:class:`BufferGuard`)."""
+    from .frontends.fx import mutated_roots
+    written = mutated_roots(gm)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {ph: t for ph, t in zip(phs, example_inputs) if isinstance(t, torch.nn.Parameter)}
+    return {ph: t for ph, t in zip(phs, example_inputs)
+            if isinstance(t, torch.nn.Parameter) or (_is_buffer(ph) and ph not in written
+                                                      and isinstance(t, torch.Tensor))}
+
+
+def _is_buffer(ph) -> bool:
+    source = getattr(ph.meta.get("grapharg"), "source", None)
+    return "._buffers[" in str(getattr(source, "name", ""))
+
+
+class BufferGuard:
+    """Runs the optimised graph while the buffers it read as constants are unchanged (the
+    same tensors, not written since: their version counters say so, at no cost), and the
+    original graph otherwise."""
+
+    def __init__(self, fast, original, gm, example_inputs):
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.fast, self.original = fast, original
+        self.guarded = [(k, t, t._version) for k, (ph, t) in enumerate(zip(phs, example_inputs))
+                        if _is_buffer(ph) and isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
+        self.snapshots = [t.detach().clone() for _, t, _ in self.guarded]
+        self.fallbacks = 0
+
+    def __call__(self, *args):
+        for (k, t, version), snap in zip(self.guarded, self.snapshots):
+            a = args[k]
+            if (a is not t or a._version != version) and not (
+                    a.shape == snap.shape and a.dtype == snap.dtype and torch.equal(a, snap)):
+                self.fallbacks += 1
+                return self.original(*args)
+        return self.fast(*args)
 
 
 def _verify(original, optimized, example_inputs, opts: Options):
     """Compare on the example inputs and on fresh random float inputs of the same shapes."""
     gen = torch.Generator().manual_seed(opts.seed)
     trials = [list(example_inputs)]
+    buffers = [_is_buffer(n) for n in original.graph.nodes if n.op == "placeholder"]
     for _ in range(opts.verify_trials):
         fresh = []
-        for t in example_inputs:
-            if isinstance(t, torch.nn.Parameter) or not isinstance(t, torch.Tensor) or t.numel() == 0:
+        for t, is_buffer in zip(example_inputs, buffers):
+            if isinstance(t, torch.nn.Parameter) or is_buffer or not isinstance(t, torch.Tensor) or t.numel() == 0:
                 fresh.append(t)
             elif t.is_floating_point():
                 r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)

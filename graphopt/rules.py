@@ -98,7 +98,9 @@ class Rule:
         return out
 
     def summary(self) -> str:
-        return f"{self.src.expression()}  ==  {self.dst.expression()}"
+        guards = ", ".join(f"{i.name} {i.guard}" for i in self.inputs if i.guard)
+        text = f"{self.src.expression()}  ==  {self.dst.expression()}"
+        return f"{text}  if {guards}" if guards else text
 
     def as_torch(self, binding: dict | None = None):
         """Both sides as plain torch callables, and the inputs they take.

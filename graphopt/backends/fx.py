@@ -78,7 +78,10 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
             fx_env[payload.node] = n
         else:
             concrete = tuple((k, _plain(v)) for k, v in node.attrs)
-            n = new.call_function(run_op, (node.op, concrete, *[ref_env[r] for r in node.inputs]))
+            pos = get_op(node.op).scalar_operand
+            args = [_number(graph, r) if k == pos and _number(graph, r) is not None else ref_env[r]
+                    for k, r in enumerate(node.inputs)]
+            n = new.call_function(run_op, (node.op, concrete, *args))
         tuple_valued = graph.payloads[idx].tuple_valued if node.op == OPAQUE else len(node.outs) > 1
         _bind_outputs(new, n, idx, node, ref_env, tuple_valued)
 
@@ -89,6 +92,15 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _number(graph: Graph, ref: str):
+    """A constant scalar operand (a literal scale, a folded 1/s) as a python number: SDPA's
+    ``scale`` must be one, and compilers downstream (inductor) cannot read a tensor's value."""
+    value = graph.constants.get(ref)
+    if value is None or value.dim() != 0 or not value.dtype.is_floating_point:
+        return None
+    return value.item()
 
 
 def _bind_outputs(new, n, idx, node, ref_env, tuple_valued: bool):

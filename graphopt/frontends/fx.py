@@ -126,7 +126,8 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     g = Graph()
     imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0, "folded": 0})
     names = set()
-    folded = fold_literals(gm)
+    folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items()
+                                if n not in mutated_roots(gm)})
     mutated = mutated_roots(gm)
     for node in gm.graph.nodes:
         if node in folded:
@@ -193,8 +194,9 @@ def _pure_call(node) -> bool:
         return False
 
 
-def fold_literals(gm: fx.GraphModule) -> dict:
-    """Compute now the values that depend on no input, parameter or buffer.
+def fold_literals(gm: fx.GraphModule, constants: dict | None = None) -> dict:
+    """Compute now the values that depend on no input, parameter or buffer, and the
+    boolean/integer values computed from constants (a slice of a mask buffer).
 
     Attention masks are such values in Hugging Face models (built from ``arange``
     comparisons, ``tril`` or ``full(...).triu()`` at the traced sequence length);
@@ -205,11 +207,13 @@ def fold_literals(gm: fx.GraphModule) -> dict:
         fx node -> its value if the value is used by the rest of the graph (a tensor),
         or None if it is only used by other folded nodes.
     """
-    values: dict = {}
+    values: dict = dict(constants or {})
+    literal: set = set()  # nodes computed from literals alone
     written = _written(gm)  # a tensor updated in place later (a lazily created cache) is no constant
     for node in gm.graph.nodes:
         if not _pure_call(node) or node in written or any(a not in values for a in node.all_input_nodes):
             continue
+        from_literals = all(a in literal for a in node.all_input_nodes)
         meta = _meta_value(node)
         if not isinstance(meta, (torch.Tensor, numbers.Number, tuple, list)) or isinstance(meta, bool):
             continue
@@ -223,8 +227,13 @@ def fold_literals(gm: fx.GraphModule) -> dict:
         if isinstance(value, torch.Tensor) and (value.numel() > MAX_FOLD_NUMEL or value.is_complex()
                                                 or value.requires_grad):
             continue
+        if not from_literals and (not isinstance(value, torch.Tensor) or value.is_floating_point()):
+            continue  # of a weight: left to the search, which folds what its rewrites need
         values[node] = value
+        literal.update([node] if from_literals else [])
     # keep a node folded only if every use outside the folded part can read it as a constant
+    for node in constants or {}:
+        del values[node]
     changed = True
     while changed:
         changed = False

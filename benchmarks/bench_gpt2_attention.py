@@ -1,0 +1,182 @@
+"""GPT-2-small (12 layers, 768 wide, 12 heads; random weights, nothing downloaded) with
+HF eager attention: what fusing attention into SDPA buys, measured side by side.
+
+    python benchmarks/bench_gpt2_attention.py forward [--seq-len 512 1024] [--runs 5]
+    python benchmarks/bench_gpt2_attention.py memory [--seq-len 2048]
+    python benchmarks/bench_gpt2_attention.py generate [--prompt 128] [--new-tokens 60]
+
+forward:  one forward pass (batch 1), median of --runs, the variants interleaved in
+          one process: HF eager attention, torch.compile (inductor), graphopt,
+          torch.compile(backend="graphopt", inductor chained), HF attn_implementation="sdpa".
+memory:   peak resident memory added by one forward pass, eager vs graphopt, each
+          in its own process (RSS sampled every millisecond while it runs).
+generate: greedy model.generate() of --new-tokens tokens, eager vs
+          torch.compile(backend="graphopt") with the static KV cache (one prefill
+          graph and one decode graph, both fused), timed after a warm-up call that
+          compiles; the tokens must be identical.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+import graphopt
+
+
+def build(attn="eager", n_layer=12):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=n_layer, attn_implementation=attn)  # GPT-2-small sizes
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+
+def forward(args):
+    eager = Logits(build("eager"))
+    sdpa = Logits(build("sdpa"))
+    sdpa.load_state_dict(eager.state_dict())
+    for T in args.seq_len:
+        ids = torch.randint(0, 50257, (1, T))
+        torch._dynamo.reset()
+        t = time.perf_counter()
+        fast = graphopt.optimize(eager, (ids,), time_limit=30)
+        opt_s = time.perf_counter() - t
+        variants = {
+            "eager": eager,
+            "inductor": torch.compile(eager),
+            "graphopt": fast,
+            "graphopt+inductor": torch.compile(eager, backend="graphopt", options={"inductor": True}),
+            "hf-sdpa": sdpa,
+        }
+        times = {k: [] for k in variants}
+        with torch.no_grad():
+            ref = eager(ids)
+            diffs = {k: (fn(ids) - ref).abs().max().item() for k, fn in variants.items()}  # also warms up
+            for _ in range(args.runs):
+                for k, fn in variants.items():
+                    t = time.perf_counter()
+                    fn(ids)
+                    times[k].append((time.perf_counter() - t) * 1e3)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"\n== GPT-2-small, T={T}, batch 1, {torch.get_num_threads()} threads, median of {args.runs}")
+        print(f"graphopt: {fast.report.attention} (optimize took {opt_s:.1f} s)")
+        for k in variants:
+            print(f"  {k:18s} {med[k]:9.1f} ms   {med['eager'] / med[k]:5.2f}x vs eager   "
+                  f"{med['inductor'] / med[k]:5.2f}x vs inductor   max |diff| {diffs[k]:.2g}")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _peak_of(fn) -> float:
+    """Peak RSS growth (MiB) while fn() runs, sampled every millisecond."""
+    base, peak, done = _rss_mb(), [0.0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _rss_mb())
+            time.sleep(0.001)
+    th = threading.Thread(target=sample)
+    th.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        th.join()
+    return max(peak[0], _rss_mb()) - base
+
+
+def memory_child(variant, T):
+    model = Logits(build("eager"))
+    ids = torch.randint(0, 50257, (1, T))
+    fn = model if variant == "eager" else graphopt.optimize(model, (ids,), time_limit=30)
+    with torch.no_grad():
+        fn(ids)  # warm-up: allocator pools, lazily created buffers
+        peaks = [_peak_of(lambda: fn(ids)) for _ in range(3)]
+    print(json.dumps({"variant": variant, "peak_mib": min(peaks),
+                      "attention": getattr(getattr(fn, "report", None), "attention", None)}))
+
+
+def memory(args):
+    for T in args.seq_len:
+        out = {}
+        for variant in ("eager", "graphopt"):
+            res = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(T)],
+                                 capture_output=True, text=True, check=True)
+            out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+        e, g = out["eager"]["peak_mib"], out["graphopt"]["peak_mib"]
+        att = 12 * T * T * 4 / 2**20
+        print(f"== GPT-2-small forward, T={T}: peak RSS added by one forward pass: eager {e:.0f} MiB, "
+              f"graphopt {g:.0f} MiB ({e / g:.2f}x less); one 12-head T x T fp32 matrix is {att:.0f} MiB; "
+              f"graphopt attention: {out['graphopt']['attention']}")
+
+
+def generate(args):
+    from graphopt.optimize import LAST_REPORTS
+    model = build("eager")
+    ids = torch.randint(0, 50257, (1, args.prompt))
+    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
+    results = {}
+    with torch.no_grad():
+        for name in ("eager", "eager-static", "graphopt-static"):
+            extra = {"cache_implementation": "static"} if "static" in name else {}
+            if name == "graphopt-static":
+                torch._dynamo.reset()
+                LAST_REPORTS.clear()
+                model.forward = torch.compile(model.forward, backend="graphopt")
+            out = model.generate(ids, **kw, **extra)  # warm-up (compiles)
+            times = []
+            for _ in range(args.runs):
+                t = time.perf_counter()
+                out = model.generate(ids, **kw, **extra)
+                times.append(time.perf_counter() - t)
+            results[name] = (statistics.median(times), out)
+    ref = results["eager"][1]
+    print(f"== GPT-2-small generate: prompt {args.prompt}, {args.new_tokens} new tokens, greedy, "
+          f"median of {args.runs}, {torch.get_num_threads()} threads")
+    for name, (s, out) in results.items():
+        print(f"  {name:16s} {s:7.2f} s  {args.new_tokens / s:6.1f} tokens/s  {results['eager'][0] / s:5.2f}x vs eager"
+              f"  tokens identical: {torch.equal(out, ref)}")
+    for r in LAST_REPORTS:
+        print(f"  graph: {dict(r.attention)} fallback={r.fallback}")
+
+
+def main():
+    if len(sys.argv) > 1 and sys.argv[1] == "_memory_child":
+        return memory_child(sys.argv[2], int(sys.argv[3]))
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["forward", "memory", "generate"])
+    ap.add_argument("--seq-len", type=int, nargs="+")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new-tokens", type=int, default=60)
+    args = ap.parse_args()
+    if args.what == "forward":
+        args.seq_len = args.seq_len or [512, 1024]
+        forward(args)
+    elif args.what == "memory":
+        args.seq_len = args.seq_len or [2048]
+        memory(args)
+    else:
+        args.runs = min(args.runs, 3)
+        generate(args)
+
+
+if __name__ == "__main__":
+    main()
