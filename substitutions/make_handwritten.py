@@ -46,6 +46,7 @@ S = [("s", [])]
 QKV = [("Q", ["t", "d"]), ("K", ["n", "d"]), ("V", ["n", "e"])]
 GQA = [("Q", ["h", "t", "d"]), ("K", ["g", "n", "d"]), ("V", ["g", "n", "e"])]
 MASK = [("M", ["t", "n"])]
+KEY_MASK = [("M", ["1", "n"])]
 
 # where the model applies the scale 1/sqrt(d): to the scores, or folded into Q or K;
 # as a multiplication or a division (whose scale for SDPA is recip(s), folded exactly)
@@ -74,11 +75,13 @@ def attention_rules() -> list:
             lambda g, f=scores: g.add("matmul", g.add("softmax", f(g)), "V"),
             lambda g, h=how: g.add("sdpa", "Q", "K", "V", _scale(g, h)),
             "fused attention: softmax(Q K^T * s) V, the T x T scores never materialised"))
-        out.append(rule(
-            f"attention-masked-{scale}-{kind}", QKV + MASK + S,
-            lambda g, f=scores: g.add("matmul", g.add("softmax", g.add("badd", f(g), "M")), "V"),
-            lambda g, h=how: g.add("sdpa_masked", "Q", "K", "V", "M", _scale(g, h)),
-            "fused attention with an additive mask M (broadcast over batch and heads)"))
+        for mask, what in ((MASK, "masked"), (KEY_MASK, "keymasked")):
+            out.append(rule(
+                f"attention-{what}-{scale}-{kind}", QKV + mask + S,
+                lambda g, f=scores: g.add("matmul", g.add("softmax", g.add("badd", f(g), "M")), "V"),
+                lambda g, h=how: g.add("sdpa_masked", "Q", "K", "V", "M", _scale(g, h)),
+                "fused attention with an additive mask M (broadcast over batch and heads)"
+                + ("; a key-padding mask, the same for every query" if what == "keymasked" else "")))
     return out
 
 

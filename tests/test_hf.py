@@ -1,5 +1,7 @@
 """Hugging Face GPT-2 and Llama (small configs, random weights, nothing downloaded),
-optimized through both capture paths: same outputs; Llama's projections merged."""
+optimized through both capture paths: same outputs; Llama's projections merged; every
+attention block (HF's eager attention, causal mask built from the sequence length) fused into
+SDPA with is_causal, and Llama's grouped-query repeat_kv folded into enable_gqa."""
 import pytest
 import torch
 
@@ -39,6 +41,10 @@ def test_hf_model_same_outputs(name, capture):
     ids = torch.randint(0, 128, (2, 16))
     fast = graphopt.optimize(model, (ids,), capture=capture, time_limit=20)
     assert not fast.report.fallbacks, fast.report
+    attention = fast.report.attention
+    assert attention["blocks"] == attention["fused"] == 2, fast.report   # 2 layers
+    assert attention["causal"] == 2 and attention["masked"] == 0, fast.report
+    assert attention["gqa"] == (2 if name == "llama" else 0), fast.report
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
         other = torch.randint(0, 128, (2, 16))

@@ -93,12 +93,15 @@ def _unsqueezed(node):
         return x if isinstance(dim, int) and dim % rank == rank - 3 else None
     if _is_call(node, (), (operator.getitem,)):
         x, index = node.args
-        if not isinstance(index, tuple):
-            return None
+        index = index if isinstance(index, tuple) else (index,)
         full = slice(None, None, None)
-        if index[-3:] == (None, full, full) and all(i == full or i is Ellipsis for i in index[:-3]):
-            if Ellipsis in index[:-3] or len(index) - 1 == node.meta.get("example_value", node.meta.get("val")).dim() - 1:
-                return x
+        nones = [i for i, e in enumerate(index) if e is None]
+        if len(nones) != 1 or any(e is not None and e is not Ellipsis and e != full for e in index):
+            return None
+        rank = node.meta.get("val", node.meta.get("example_value")).dim()
+        k = nones[0]  # the new axis, counted from the front, or from the back after an Ellipsis
+        axis = rank - (len(index) - k) if Ellipsis in index[:k] else k
+        return x if axis == rank - 3 else None
     return None
 
 
