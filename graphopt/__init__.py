@@ -12,8 +12,9 @@ from .errors import GraphoptError, RuleFormatError, ShapeError, UnknownOpError  
 from .ir import Graph  # noqa: E402
 from .rules import Rule, RuleLibrary, load_rules  # noqa: E402
 from .optimize import OptimizedModule, Report, optimize, register as _register  # noqa: E402
+from .optimize_onnx import onnx_report, optimize_onnx  # noqa: E402
 
 _register()  # torch.compile(model, backend="graphopt")
 
-__all__ = ["optimize", "OptimizedModule", "Report", "load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
+__all__ = ["optimize", "optimize_onnx", "onnx_report", "OptimizedModule", "Report", "load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
            "ShapeError", "UnknownOpError", "__version__"]

@@ -179,6 +179,10 @@ def _median_ms(fn, inputs, runs: int) -> float:
 
 
 def _cmd_optimize(args) -> int:
+    if args.model.endswith(".onnx"):
+        return _cmd_optimize_onnx(args)
+    if args.output or args.opset is not None:
+        raise GraphoptError("-o/--output and --opset are for ONNX models (model.onnx)")
     import torch
 
     from . import optimize
@@ -223,6 +227,67 @@ def _cmd_optimize(args) -> int:
     print(f"  took           {fast.report.total_seconds:.1f} s to capture, search and verify")
     if args.save:
         print(f"  saved          {args.save}")
+    return 0
+
+
+def _cmd_optimize_onnx(args) -> int:
+    import time
+
+    from .optimize_onnx import onnx_report, optimize_onnx, random_inputs, session
+    from .rules import write_atomic
+    if args.output:
+        _check_output_path(args.output)
+    if args.runs < 1:
+        raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
+    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
+                   time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
+    if args.rules:
+        options["rules"] = tuple(args.rules)
+    from .frontends.onnx import load_model
+    original = load_model(args.model)
+    result = optimize_onnx(original, opset=args.opset, **options)
+    report = onnx_report(result)
+    data = result.SerializeToString()
+    feeds = random_inputs(original, seed=args.seed)
+
+    def median_ms(model):
+        sess = session(model)
+        sess.run(None, feeds)
+        times = []
+        for _ in range(args.runs):
+            t = time.perf_counter()
+            sess.run(None, feeds)
+            times.append((time.perf_counter() - t) * 1e3)
+        return sorted(times)[len(times) // 2]
+    try:
+        before, after = median_ms(original), median_ms(result)
+    except Exception as e:  # noqa: BLE001  (onnxruntime missing or cannot run it: no timings)
+        before = after = None
+        report["notes"].append(f"no latency measured ({type(e).__name__})")
+    report["latency_ms"] = None if before is None else {
+        "original": round(before, 3), "optimized": round(after, 3), "speedup": round(before / after, 3),
+        "runs": args.runs, "runtime": "onnxruntime CPU"}
+    if args.output:
+        write_atomic(args.output, data)
+        report["saved"] = args.output
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    from .optimize import GraphReport, Report
+    rep = GraphReport(ops=report["ops"], opaque=report["opaque"], cost_before=report["cost_before_s"],
+                      cost_after=report["cost_after_s"], search_seconds=report["search_seconds"],
+                      folded=report["folded_constants"], max_abs_diff=report["max_abs_diff"],
+                      fallback=(report["fallbacks"] or [None])[0])
+    rep.applied.update(report["rules_applied"])
+    rep.rewrites = dict(report["rewrites"])
+    rep.attention.update(report["attention"])
+    rep.notes = report["notes"]
+    print(str(Report([rep])).replace("graphopt: 1 graph(s)", f"graphopt: {args.model}"))
+    if before is not None:
+        print(f"  latency        original {before:.2f} ms, optimized {after:.2f} ms "
+              f"({before / after:.2f}x, onnxruntime CPU, median of {args.runs})")
+    if args.output:
+        print(f"  saved          {args.output}" + (" (the original: see FALLBACK)" if report["fallbacks"] else ""))
     return 0
 
 
@@ -279,8 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     rv.set_defaults(func=_cmd_rules_verify)
 
     op = sub.add_parser("optimize", help="optimize a model and report what changed")
-    op.add_argument("model", help="built-in example (gpt2, llama) or path/to/file.py:factory "
-                                  "(factory() returns (module, example_inputs))")
+    op.add_argument("model", help="built-in example (gpt2, llama), path/to/file.py:factory "
+                                  "(factory() returns (module, example_inputs)), or model.onnx")
+    op.add_argument("-o", "--output", metavar="PATH", help="ONNX: where to write the optimized model")
+    op.add_argument("--opset", type=int, help="ONNX: convert to this opset first (23 for fused Attention)")
     op.add_argument("--seq-len", type=int, default=128, help="tokens, for built-in examples (default 128)")
     op.add_argument("--batch", type=int, default=1, help="sequences, for built-in examples")
     op.add_argument("--layers", type=int, help="layers, for built-in examples (default: the model's)")

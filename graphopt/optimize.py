@@ -106,6 +106,10 @@ class Report:
     total_seconds: float = 0.0   # capture + search + verification, for optimize()
 
     @property
+    def notes(self) -> list:
+        return [n for g in self.graphs for n in getattr(g, "notes", [])]
+
+    @property
     def applied(self) -> Counter:
         total = Counter()
         for g in self.graphs:
@@ -181,6 +185,8 @@ class Report:
             lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
                          f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
         lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
+        for n in self.notes:
+            lines.append(f"  note           {n}")
         for f in j["fallbacks"]:
             lines.append(f"  FALLBACK       {f}")
         return "\n".join(lines)

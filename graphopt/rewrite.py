@@ -531,10 +531,19 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
     """
     from .backends.fx import run_op
     const = mg.const_nodes()
+    # a view of constants (the transpose of a weight) that the rest of the graph reads stays
+    # a view: materialising it would copy the weight and change the layout BLAS sees
+    order = mg.topo_order()
+    views: set = set()
+    for nid in reversed(order):
+        n = mg.nodes[nid]
+        if nid in const and n.op != INPUT and get_op(n.op).view and any(
+                c not in const or c in views for v in _outs(nid, n) for c, _ in mg.consumers.get(v, ())):
+            views.add(nid)
     values: dict = {}
     folded: dict = {}
     new = mg.copy()
-    for nid in mg.topo_order():
+    for nid in order:
         n = mg.nodes[nid]
         if nid not in const:
             continue
@@ -546,7 +555,8 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
         for j, t in enumerate(outs):
             values[(nid, j)] = t
             v = (nid, j)
-            used_outside = any(c not in const for c, _ in mg.consumers.get(v, ())) or v in mg.outputs
+            used_outside = nid not in views and (
+                any(c not in const or c in views for c, _ in mg.consumers.get(v, ())) or v in mg.outputs)
             if used_outside:
                 name = f"_folded_{nid}_{j}"
                 folded[name] = t.detach().contiguous()
@@ -554,6 +564,10 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
                 new.replace_uses(v, (fid, 0))
     new.remove_dead()
     return new, folded
+
+
+def _outs(nid, node) -> list:
+    return [(nid, j) for j in range(len(node.outs))]
 
 
 def to_graph(mg: MGraph, template: Graph, extra_constants: dict | None = None) -> Graph:

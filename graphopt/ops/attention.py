@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ShapeError
+from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OpDef, norm_axis, numel_int, register
+from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
 
 aten = torch.ops.aten
 
@@ -35,6 +36,8 @@ softmax = register(OpDef(
     flops=lambda ins, outs, a: 5 * numel_int(outs[0]),
     fx=(FxForm((torch.softmax, F.softmax, "method:softmax", aten.softmax.int, aten._softmax.default),
                sp.softmax),),
+    onnx=(OnnxForm("Softmax", ox.softmax),),
+    to_onnx=ox.emit_softmax,
 ))
 
 
@@ -51,6 +54,8 @@ recip = register(OpDef(
     compute=lambda dom, x, a: [dom.mod(dom.recip(x[0]))],
     lower=lambda t, a: [torch.reciprocal(t[0])],
     flops=lambda ins, outs, a: 1,
+    onnx=(OnnxForm("Reciprocal", ox.recip),),
+    to_onnx=ox.node("Reciprocal"),
 ))
 
 
@@ -117,6 +122,8 @@ sdpa = register(OpDef(
     compute=_sdpa_compute,
     lower=_sdpa_lower,
     flops=_sdpa_flops,
+    onnx=(),
+    to_onnx=ox.emit_attention(False),
 ))
 
 
@@ -145,6 +152,8 @@ sdpa_masked = register(OpDef(
     compute=lambda dom, x, a: _sdpa_compute(dom, (x[0], x[1], x[2], x[4]), a, mask=x[3]),
     lower=_sdpa_masked_lower,
     flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2 + numel_int(ins[0][:-1]) * int(ins[1][-2]),
+    onnx=(),
+    to_onnx=ox.emit_attention(True),
 ))
 
 
@@ -170,4 +179,6 @@ repeat_heads = register(OpDef(
     compute=_repeat_heads_compute,
     lower=lambda t, a: [torch.repeat_interleave(t[0], int(a["heads"]) // t[0].shape[-3], dim=-3)],
     flops=lambda ins, outs, a: 0,
+    onnx=(OnnxForm("Reshape", ox.repeat_heads),),
+    to_onnx=ox.emit_repeat_heads,
 ))

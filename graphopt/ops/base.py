@@ -152,6 +152,23 @@ class FxForm:
 
 
 @dataclass(frozen=True)
+class OnnxForm:
+    """One way ONNX spells an operator.
+
+    Attributes:
+        op_type: the ONNX node type (default domain), e.g. ``"MatMul"``.
+        parse: ``(inputs, attrs, ctx) -> (tensor_args, attrs) | None``: ``inputs`` are the
+            node's input names, ``attrs`` its attributes as python values; ``ctx`` has
+            ``shape(name)``, ``dtype(name)``, ``const(name)`` (numpy value of an
+            initializer, else None), ``out_shapes`` and ``opset``.  A tensor arg may also
+            be a numpy array (a new constant).  None: "this node is not this op".
+    """
+
+    op_type: str
+    parse: Callable
+
+
+@dataclass(frozen=True)
 class OpDef:
     """Everything graphopt knows about one operator.
 
@@ -188,6 +205,10 @@ class OpDef:
     view: bool = False
     scalar_operand: int | None = None
     fx: tuple = ()  # FxForm, ...: how torch.fx graphs (Dynamo and torch.export) spell it
+    onnx: tuple = ()  # OnnxForm, ...: how ONNX spells it
+    # ``(b, inputs, attrs, outputs) -> None``: write the op as ONNX nodes producing the
+    # output names given (``b``: backends.onnx.Builder); None: it cannot be written as ONNX
+    to_onnx: Callable | None = None
 
     # -- the three semantic domains --------------------------------------------------
     def ref(self, arrays: Sequence[np.ndarray], attrs: Mapping) -> list:

@@ -7,8 +7,9 @@ import operator
 import torch
 
 from ..errors import ShapeError
+from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import FxForm, OpDef, numel_int, register, same_shape
+from .base import FxForm, OnnxForm, OpDef, numel_int, register, same_shape
 
 aten = torch.ops.aten
 
@@ -40,6 +41,8 @@ add = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.add, torch.add, "method:add", aten.add.Tensor), sp.binary_tensors),),
+    onnx=(OnnxForm("Add", ox.same_shapes),),
+    to_onnx=ox.node("Add"),
 ))
 
 mul = register(OpDef(
@@ -51,6 +54,8 @@ mul = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.binary_tensors),),
+    onnx=(OnnxForm("Mul", ox.same_shapes),),
+    to_onnx=ox.node("Mul"),
 ))
 
 def _badd_infer(shapes, dtypes, attrs):
@@ -74,6 +79,8 @@ badd = register(OpDef(
         FxForm((torch.where, "method:where", aten.where.self, aten.where.ScalarOther), sp.where_as_mask),
         FxForm(("method:masked_fill", torch.masked_fill, aten.masked_fill.Scalar, aten.masked_fill.Tensor),
                sp.masked_fill_as_mask)),
+    onnx=(OnnxForm("Add", ox.broadcast),),
+    to_onnx=ox.node("Add"),
 ))
 
 smul = register(OpDef(
@@ -85,6 +92,8 @@ smul = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.tensor_by_scalar(True)),),
+    onnx=(OnnxForm("Mul", ox.by_scalar(True)),),
+    to_onnx=ox.node("Mul"),
 ))
 
 sdiv = register(OpDef(
@@ -97,6 +106,8 @@ sdiv = register(OpDef(
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.truediv, torch.div, torch.true_divide, "method:div", "method:true_divide",
                 aten.div.Tensor), sp.tensor_by_scalar(False)),),
+    onnx=(OnnxForm("Div", ox.by_scalar(False)),),
+    to_onnx=ox.node("Div"),
 ))
 
 neg = register(OpDef(
@@ -108,6 +119,8 @@ neg = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.neg, torch.neg, "method:neg", aten.neg.default), sp.unary),),
+    onnx=(OnnxForm("Neg", ox.unary),),
+    to_onnx=ox.node("Neg"),
 ))
 
 relu = register(OpDef(
@@ -119,6 +132,8 @@ relu = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((torch.relu, torch.nn.functional.relu, "method:relu", aten.relu.default), sp.unary),),
+    onnx=(OnnxForm("Relu", ox.unary),),
+    to_onnx=ox.node("Relu"),
 ))
 
 exp = register(OpDef(
@@ -130,4 +145,6 @@ exp = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((torch.exp, "method:exp", aten.exp.default), sp.unary),),
+    onnx=(OnnxForm("Exp", ox.unary),),
+    to_onnx=ox.node("Exp"),
 ))

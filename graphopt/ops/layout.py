@@ -6,8 +6,9 @@ import torch
 
 from ..dims import Dim
 from ..errors import ShapeError
+from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OpDef, norm_axis, register
+from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, register
 
 aten = torch.ops.aten
 
@@ -36,6 +37,8 @@ concat = register(OpDef(
     # negative axes: a rule then also holds with leading batch axes
     enum_attrs=lambda shapes: [{"axis": ax} for ax in (-2, -1) if -ax <= len(shapes[0])],
     fx=(FxForm((torch.cat, torch.concat, aten.cat.default), sp.concat),),
+    onnx=(OnnxForm("Concat", ox.concat),),
+    to_onnx=ox.emit_concat,
 ))
 
 
@@ -85,6 +88,8 @@ split = register(OpDef(
     flops=lambda ins, outs, a: 0,
     enum_attrs=_split_points,
     fx=(FxForm((torch.split, "method:split", aten.split_with_sizes.default, aten.split.Tensor), sp.split),),
+    onnx=(OnnxForm("Split", ox.split),),
+    to_onnx=ox.emit_split,
 ))
 
 
@@ -120,4 +125,6 @@ reshape = register(OpDef(
     enum_attrs=None,  # shape-changing reshapes need concrete sizes; not enumerated
     fx=(FxForm((torch.reshape, "method:reshape", "method:view", aten.view.default, aten.reshape.default,
                 aten._unsafe_view.default), sp.reshape),),
+    onnx=(OnnxForm("Reshape", ox.reshape),),
+    to_onnx=ox.emit_reshape,
 ))

@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from ..errors import ShapeError
+from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OpDef, norm_axis, numel_int, register
+from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
 
 aten = torch.ops.aten
 
@@ -37,6 +38,8 @@ matmul = register(OpDef(
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((torch.matmul, operator.matmul, "method:matmul", aten.matmul.default, aten.mm.default,
                 aten.bmm.default), sp.binary_tensors),),
+    onnx=(OnnxForm("MatMul", ox.matmul),),
+    to_onnx=ox.node("MatMul"),
 ))
 
 
@@ -63,4 +66,6 @@ transpose = register(OpDef(
     fx=(FxForm((torch.transpose, "method:transpose", aten.transpose.int, torch.t, "method:t", aten.t.default),
                sp.transpose),
         FxForm((torch.permute, "method:permute", aten.permute.default), sp.permute_as_transpose)),
+    onnx=(OnnxForm("Transpose", ox.transpose),),
+    to_onnx=ox.emit_transpose,
 ))

@@ -5,8 +5,9 @@ import numpy as np
 import torch
 
 from ..dims import Dim
+from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OpDef, norm_axis, numel_int, register
+from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
 
 
 def _reduce_infer(shapes, dtypes, attrs):
@@ -32,4 +33,6 @@ reduce_sum = register(OpDef(
         {"axis": ax, "keepdim": True} for ax in range(-len(shapes[0]), 0) if shapes[0][ax] != 1
     ],
     fx=(FxForm((torch.sum, "method:sum", torch.ops.aten.sum.dim_IntList), sp.reduce_sum),),
+    onnx=(OnnxForm("ReduceSum", ox.reduce_sum),),
+    to_onnx=ox.emit_reduce_sum,
 ))

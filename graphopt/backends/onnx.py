@@ -1,0 +1,156 @@
+"""IR Graph -> ONNX ModelProto.
+
+Registry operators are written by their ``OpDef.to_onnx``; opaque nodes are
+copies of their original NodeProto with inputs renamed to wherever their values
+now come from (a name a subgraph reads from the enclosing graph is kept by an
+``Identity``).  Constants become initializers.  The graph keeps the original
+inputs, outputs (names and order), opset imports and model-local functions.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import GraphoptError
+from ..ir import OPAQUE, Graph, node_ref
+from ..ops import get_op
+from .fx import _plain
+
+
+class Builder:
+    """What ``OpDef.to_onnx`` writes with: nodes, constants, and the shapes of values."""
+
+    def __init__(self, graph: Graph, opset: int, taken: set):
+        self.graph, self.opset = graph, opset
+        self.nodes: list = []
+        self.initializers: dict = {}     # name -> numpy array
+        self.shapes: dict = {}           # ONNX name -> shape tuple
+        self.values: dict = {}           # ONNX name -> constant numpy value (for scales)
+        self.taken = set(taken)
+        self._k = 0
+
+    def fresh(self, hint: str = "t") -> str:
+        while True:
+            self._k += 1
+            name = f"graphopt_{hint}_{self._k}"
+            if name not in self.taken:
+                self.taken.add(name)
+                return name
+
+    def node(self, op_type: str, inputs, outputs, **attrs) -> list:
+        import onnx
+        outs = [self.fresh(op_type.lower()) for _ in range(outputs)] if isinstance(outputs, int) else list(outputs)
+        self.nodes.append(onnx.helper.make_node(op_type, list(inputs), outs, **attrs))
+        return outs
+
+    def const(self, value: np.ndarray, hint: str = "const") -> str:
+        name = self.fresh(hint)
+        self.initializers[name] = np.asarray(value)
+        self.values[name] = np.asarray(value)
+        return name
+
+    def shape(self, name: str) -> tuple:
+        return self.shapes[name]
+
+    def const_value(self, name: str):
+        return self.values.get(name)
+
+
+def export_onnx(imp, graph: Graph):
+    """The ModelProto of an (optimised) IR graph imported from ``imp.model``."""
+    import onnx
+    from onnx import numpy_helper
+    src = imp.model
+    taken = {n for node in src.graph.node for n in list(node.input) + list(node.output)}
+    taken |= {i.name for i in src.graph.input} | {i.name for i in src.graph.initializer}
+    b = Builder(graph, imp.opset, taken)
+    name_of: dict = {}   # IR ref -> ONNX name
+    out_names = [o.name for o in src.graph.output]
+    wanted = {}          # IR ref -> graph output name it should carry
+    orig_ref = {v: k for k, v in imp.ref_of.items()}
+    for name in out_names:
+        r = imp.ref_of.get(name)
+        if r is not None and r in graph.outputs:
+            pass
+    for ref, name in zip(graph.outputs, [o for o in out_names if o in imp.ref_of]):
+        wanted.setdefault(ref, name)
+
+    def record(ref, name):
+        name_of[ref] = name
+        shape, _ = graph.type_of(ref)
+        b.shapes[name] = tuple(d.const for d in shape)
+
+    graph_inputs = {i.name for i in src.graph.input}
+    for inp in graph.inputs:
+        original = orig_ref.get(inp.name, inp.name)
+        if inp.const:
+            value = graph.constants[inp.name]
+            name = original if original not in graph_inputs and original in taken else b.fresh("w")
+            if name == original and original in graph_inputs:
+                name = b.fresh("w")
+            arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
+            b.values[name] = arr
+            b.initializers[name] = arr
+            record(inp.name, name)
+        else:
+            record(inp.name, original)
+    for idx, node in enumerate(graph.nodes):
+        refs = [node_ref(idx, j, len(node.outs)) for j in range(len(node.outs))]
+        if node.op == OPAQUE:
+            p = graph.payloads[idx]
+            new = onnx.NodeProto()
+            new.CopyFrom(p.node)
+            ins = [name_of[r] for r in node.inputs]
+            for pos, k in enumerate(p.tracked):
+                new.input[k] = ins[pos]
+            for pos, outer in enumerate(p.implicit):  # keep the names subgraphs read
+                have = ins[len(p.tracked) + pos]
+                if have != outer:
+                    b.nodes.append(onnx.helper.make_node("Identity", [have], [outer]))
+            b.nodes.append(new)
+            for r, name in zip(refs, p.node.output):
+                record(r, name)
+            continue
+        opdef = get_op(node.op)
+        if opdef.to_onnx is None:
+            raise GraphoptError(f"op {node.op} cannot be written as ONNX")
+        outs = [wanted.pop(r) if r in wanted else b.fresh(node.op) for r in refs]
+        opdef.to_onnx(b, [name_of[r] for r in node.inputs], {k: _plain(v) for k, v in node.attrs}, outs)
+        for r, name in zip(refs, outs):
+            record(r, name)
+    # graph outputs: the original names, in the original order
+    for ref, name in zip(graph.outputs, [o for o in out_names if o in imp.ref_of]):
+        if name_of[ref] != name:
+            b.nodes.append(onnx.helper.make_node("Identity", [name_of[ref]], [name]))
+    b.nodes = _live(b.nodes, set(out_names))
+    used = {x for n in b.nodes for x in n.input} | set(out_names)
+    used |= {x for n in b.nodes for x in _subgraph_inputs(n)}
+    inits = [numpy_helper.from_array(np.ascontiguousarray(v), name) for name, v in b.initializers.items()
+             if name in used]
+    new_graph = onnx.helper.make_graph(b.nodes, src.graph.name or "graphopt", list(src.graph.input),
+                                       list(src.graph.output), inits)
+    model = onnx.helper.make_model(new_graph, opset_imports=list(src.opset_import),
+                                   producer_name="graphopt")
+    model.ir_version = src.ir_version
+    model.functions.extend(src.functions)
+    for prop in src.metadata_props:
+        model.metadata_props.append(prop)
+    return model
+
+
+def _live(nodes, outputs: set) -> list:
+    """Nodes whose results reach an output (ONNX inference nodes have no side effects):
+    what a rewrite left unused (the Expand of repeated K/V heads) is dropped."""
+    need, keep = set(outputs), []
+    for n in reversed(nodes):
+        if any(o in need for o in n.output):
+            keep.append(n)
+            need |= set(n.input) | set(_subgraph_inputs(n))
+    return keep[::-1]
+
+
+def _subgraph_inputs(node) -> list:
+    from ..frontends.onnx import _outer_names
+    return _outer_names(node)
+
+
+__all__ = ["export_onnx", "Builder"]

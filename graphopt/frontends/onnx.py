@@ -1,0 +1,354 @@
+"""ONNX ModelProto -> IR Graph.
+
+Shapes come from ONNX shape inference; initializers (and ``Constant`` nodes) are
+constants.  A node becomes an IR operator when the op registry has an ONNX
+spelling for it (``OpDef.onnx``) that accepts the node; every other node,
+control flow with subgraphs included, is an *opaque* node that keeps its
+NodeProto and is written back unchanged.  Tensors whose shapes are not static
+flow only through opaque nodes.
+
+Canonicalisations on the way in: a ``Transpose`` that moves more than two axes
+becomes a chain of two-axis swaps (so ``perm=[0, 2, 3, 1]``, which is "heads
+first, then K^T", shows the ``transpose(K)`` the attention rules look for);
+``Identity``, ``Dropout`` at inference and casts to the same type are aliases.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..errors import GraphoptError
+from ..ir import Graph
+from ..ops import REGISTRY
+
+MIN_OPSET = 13
+
+_ELEM = {1: "float32", 10: "float16", 16: "bfloat16", 11: "float64", 7: "int64", 6: "int32",
+         5: "int16", 3: "int8", 2: "uint8", 9: "bool"}
+
+
+@dataclass
+class OnnxPayload:
+    """How to write one node the IR does not model back: its NodeProto, and which of its
+    inputs are the IR node's inputs (the others keep their names)."""
+
+    node: object
+    tracked: list          # positions in node.input of the IR inputs, in order
+    implicit: list = field(default_factory=list)  # outer names its subgraphs read (IR inputs after tracked)
+
+    def run(self, args):
+        raise GraphoptError("an opaque ONNX node cannot run outside onnxruntime")
+
+
+@dataclass
+class OnnxImport:
+    graph: Graph
+    model: object                              # the (shape-inferred) ModelProto imported
+    ref_of: dict = field(default_factory=dict)  # ONNX tensor name -> IR ref
+    opset: int = 0
+    counts: dict = field(default_factory=dict)
+
+
+def load_model(src):
+    """A ModelProto from a path or a ModelProto, checked; raises GraphoptError naming the problem."""
+    import onnx
+    if isinstance(src, onnx.ModelProto):
+        model, where = src, "model"
+    else:
+        path = os.fspath(src)
+        where = path
+        if not os.path.isfile(path):
+            raise GraphoptError(f"{path}: no such file")
+        try:
+            model = onnx.load(path, load_external_data=False)
+        except Exception as e:  # noqa: BLE001  (protobuf raises several kinds)
+            raise GraphoptError(f"{path}: not a readable ONNX model ({type(e).__name__})") from None
+        if not model.graph.node and not model.graph.output:
+            raise GraphoptError(f"{path}: not an ONNX model (no graph)")
+        try:
+            from onnx.external_data_helper import load_external_data_for_model
+            load_external_data_for_model(model, os.path.dirname(os.path.abspath(path)))
+        except Exception as e:  # noqa: BLE001  (onnx raises ValidationError or OSError)
+            missing = [x.value for t in _external_tensors(model) for x in t.external_data if x.key == "location"]
+            where_data = ", ".join(sorted(set(missing))) or getattr(e, "filename", None) or "?"
+            raise GraphoptError(f"{path}: missing or unreadable external data ({where_data})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(f"{where}: invalid ONNX model: {first}") from None
+    opset = default_opset(model)
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphoptError(f"{where}: opset {opset} is not supported (graphopt reads {MIN_OPSET} to {newest})")
+    return model
+
+
+def _external_tensors(model):
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+    return [t for t in _get_all_tensors(model) if uses_external_data(t)]
+
+
+def default_opset(model) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def convert_opset(model, opset: int):
+    import onnx
+    from onnx import version_converter
+    newest = onnx.defs.onnx_opset_version()
+    if not MIN_OPSET <= opset <= newest:
+        raise GraphoptError(f"--opset {opset} is not supported (choose {MIN_OPSET} to {newest})")
+    if opset == default_opset(model):
+        return model
+    try:
+        return version_converter.convert_version(model, opset)
+    except Exception as e:  # noqa: BLE001
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise GraphoptError(f"cannot convert the model from opset {default_opset(model)} to {opset}: {first}") from None
+
+
+class _Ctx:
+    def __init__(self, imp, types, consts, out_shapes, producers=None):
+        self.imp, self.types, self.consts, self.out_shapes = imp, types, consts, out_shapes
+        self.opset = imp.opset
+        self.producers = producers or {}
+
+    def producer(self, name):
+        """The node that computes ``name`` (op_type, inputs, attrs), or None."""
+        node = self.producers.get(name)
+        if node is None:
+            return None
+        import onnx
+        return node.op_type, list(node.input), {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+    def shape(self, name):
+        t = self.types.get(name)
+        return None if t is None else t[0]
+
+    def dtype(self, name):
+        t = self.types.get(name)
+        return None if t is None else t[1]
+
+    def const(self, name):
+        v = self.consts.get(name)
+        return None if v is None else v
+
+
+def _types(model) -> dict:
+    """name -> (static shape tuple or None, dtype name) from shape inference."""
+    out = {}
+    g = model.graph
+    for vi in list(g.input) + list(g.value_info) + list(g.output):
+        tt = vi.type.tensor_type
+        dtype = _ELEM.get(tt.elem_type)
+        if dtype is None or not tt.HasField("shape"):
+            continue
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        out[vi.name] = (None if any(d is None for d in dims) else tuple(dims), dtype)
+    for init in g.initializer:
+        dtype = _ELEM.get(init.data_type)
+        if dtype:
+            out[init.name] = (tuple(init.dims), dtype)
+    return out
+
+
+def normalise_transposes(model):
+    """Split each Transpose that moves more than two axes into two-axis swaps (in place)."""
+    import onnx
+    g = model.graph
+    new_nodes, k = [], 0
+    for n in g.node:
+        perm = next((list(onnx.helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"), None)
+        if n.op_type != "Transpose" or n.domain not in ("", "ai.onnx") or perm is None:
+            new_nodes.append(n)
+            continue
+        swaps, cur = [], list(range(len(perm)))
+        for i in range(len(perm)):  # front to back: the last swap is the innermost axes'
+            j = cur.index(perm[i])
+            if j != i:
+                cur[i], cur[j] = cur[j], cur[i]
+                swaps.append((i, j))
+        if len(swaps) <= 1:
+            new_nodes.append(n)
+            continue
+        src = n.input[0]
+        for s, (i, j) in enumerate(swaps):
+            p = list(range(len(perm)))
+            p[i], p[j] = p[j], p[i]
+            out = n.output[0] if s == len(swaps) - 1 else f"{n.output[0]}__swap{k}"
+            k += 1
+            new_nodes.append(onnx.helper.make_node("Transpose", [src], [out], perm=p))
+            src = out
+    del g.node[:]
+    g.node.extend(new_nodes)
+    return model
+
+
+_ALIASES = ("Identity", "Dropout", "Cast")
+
+
+def _outer_names(node) -> list:
+    """Names a node's subgraphs read from the enclosing graph."""
+    import onnx
+    names: list = []
+
+    def visit(graph, bound):
+        bound = set(bound) | {i.name for i in graph.input} | {i.name for i in graph.initializer}
+        for n in graph.node:
+            for x in n.input:
+                if x and x not in bound and x not in names:
+                    names.append(x)
+            for a in n.attribute:
+                for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
+                    visit(sub, bound)
+            bound |= set(n.output)
+    for a in node.attribute:
+        for sub in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs) if a.type == onnx.AttributeProto.GRAPHS else []):
+            visit(sub, set())
+    return names
+
+
+def import_onnx(model) -> OnnxImport:
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.ModelProto.FromString(model.SerializeToString())  # never modify the caller's
+    normalise_transposes(model)
+    try:
+        model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception as e:  # noqa: BLE001
+        raise GraphoptError(f"ONNX shape inference failed: {str(e).strip().splitlines()[0]}") from None
+    g_in = model.graph
+    imp = OnnxImport(Graph(), model, opset=default_opset(model), counts={"ops": 0, "opaque": 0})
+    g, types = imp.graph, _types(model)
+    consts: dict = {}
+    names: set = set()
+    for init in g_in.initializer:
+        value = numpy_helper.to_array(init)
+        consts[init.name] = value
+        t = types.get(init.name)
+        if t is not None:
+            imp.ref_of[init.name] = g.add_external(_unique(init.name, names), t[0], t[1],
+                                                   value=torch.from_numpy(np.array(value)))
+    for vi in g_in.input:
+        if vi.name in imp.ref_of:
+            continue
+        t = types.get(vi.name)
+        if t is not None and t[0] is not None:
+            imp.ref_of[vi.name] = g.add_external(_unique(vi.name, names), t[0], t[1])
+    spell: dict = {}
+    for op in REGISTRY.values():
+        for form in op.onnx:
+            spell.setdefault(form.op_type, []).append((op.name, form.parse))
+    producers = {o: n for n in g_in.node for o in n.output}
+    for node in g_in.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        if node.domain in ("", "ai.onnx") and node.op_type == "Constant" and "value" in attrs:
+            value = numpy_helper.to_array(attrs["value"])
+            consts[node.output[0]] = value
+            dtype = _ELEM.get(attrs["value"].data_type)
+            if dtype:
+                imp.ref_of[node.output[0]] = g.add_external(_unique(node.output[0], names), value.shape, dtype,
+                                                            value=torch.from_numpy(np.array(value)))
+                continue
+        if node.domain in ("", "ai.onnx") and _alias(imp, node, attrs, types):
+            continue
+        if node.domain in ("", "ai.onnx") and _registry_op(imp, node, attrs, types, consts, spell, names, producers):
+            imp.counts["ops"] += 1
+            continue
+        _opaque(imp, node, types)
+    g.outputs = [imp.ref_of[o.name] for o in g_in.output if o.name in imp.ref_of]
+    return imp
+
+
+def _alias(imp, node, attrs, types) -> bool:
+    """Identity, Dropout at inference and a Cast to the same type: the input's value."""
+    if node.op_type not in _ALIASES or not node.input or node.input[0] not in imp.ref_of:
+        return False
+    if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]
+                                      or len(node.input) > 2 and node.input[2]):
+        return False  # the mask output is used, or training_mode is given
+    src, out = types.get(node.input[0]), types.get(node.output[0])
+    if src is None or out is None or src != out:
+        return False
+    imp.ref_of[node.output[0]] = imp.ref_of[node.input[0]]
+    return True
+
+
+def _registry_op(imp, node, attrs, types, consts, spell, names, producers) -> bool:
+    candidates = spell.get(node.op_type)
+    outs = [types.get(o) for o in node.output]
+    if not candidates or any(t is None or t[0] is None for t in outs):
+        return False
+    if any(x and x not in imp.ref_of for x in node.input):
+        return False
+    ctx = _Ctx(imp, types, consts, [t[0] for t in outs], producers)
+    g = imp.graph
+    for op_name, parse in candidates:
+        try:
+            parsed = parse([x for x in node.input], attrs, ctx)
+        except (TypeError, ValueError, KeyError, IndexError):
+            parsed = None
+        if parsed is None:
+            continue
+        args, op_attrs = parsed
+        refs = []
+        for a in args:
+            if isinstance(a, np.ndarray):
+                dtype = _ELEM_BY_NUMPY.get(a.dtype.name)
+                if dtype is None:
+                    break
+                refs.append(g.add_external(_unique(f"{node.output[0]}_const", names), a.shape, dtype,
+                                           value=torch.from_numpy(np.array(a))))
+            else:
+                refs.append(imp.ref_of[a])
+        else:
+            mark = len(g.nodes)
+            try:
+                out = g.add(op_name, *refs, **op_attrs)
+            except GraphoptError:
+                del g.nodes[mark:]
+                continue
+            out_refs = out if isinstance(out, tuple) else (out,)
+            got = [(tuple(d.const for d in s), dt) for s, dt in (g.type_of(r) for r in out_refs)]
+            if got != [tuple(t) for t in outs]:
+                del g.nodes[mark:]
+                continue
+            for name, r in zip(node.output, out_refs):
+                imp.ref_of[name] = r
+            return True
+    return False
+
+
+_ELEM_BY_NUMPY = {"float32": "float32", "float16": "float16", "float64": "float64", "int64": "int64",
+                  "int32": "int32", "bool": "bool"}
+
+
+def _opaque(imp, node, types):
+    imp.counts["opaque"] += 1
+    tracked = [k for k, x in enumerate(node.input) if x and x in imp.ref_of]
+    implicit = [x for x in _outer_names(node) if x in imp.ref_of]
+    ins = [imp.ref_of[node.input[k]] for k in tracked] + [imp.ref_of[x] for x in implicit]
+    outs = [types.get(o) for o in node.output]
+    typed = all(t is not None and t[0] is not None for t in outs) and all(node.output)
+    payload = OnnxPayload(node, tracked, implicit)
+    refs = imp.graph.add_opaque(payload, ins, [t for t in outs] if typed else [])
+    if typed:
+        for name, r in zip(node.output, refs if isinstance(refs, tuple) else (refs,)):
+            imp.ref_of[name] = r
+
+
+def _unique(name: str, names: set) -> str:
+    base, k = name or "t", 0
+    name = base
+    while name in names or name.startswith("%"):
+        k += 1
+        name = f"{base}_{k}"
+    names.add(name)
+    return name
+
+
+__all__ = ["import_onnx", "load_model", "convert_opset", "OnnxImport", "OnnxPayload", "default_opset"]
