@@ -27,6 +27,7 @@ import time
 import torch
 
 import graphopt
+from graphopt.models import Logits
 
 
 def build(attn="eager", n_layer=12):
@@ -35,14 +36,6 @@ def build(attn="eager", n_layer=12):
     cfg = GPT2Config(n_layer=n_layer, attn_implementation=attn)  # GPT-2-small sizes
     return GPT2LMHeadModel(cfg).eval()
 
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids):
-        return self.model(input_ids=ids, use_cache=False).logits
 
 
 def forward(args):

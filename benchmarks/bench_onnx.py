@@ -18,16 +18,9 @@ import numpy as np
 import torch
 
 import graphopt
+from graphopt.models import Logits
 from graphopt.optimize_onnx import onnx_report, session
 
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def export(path, T):

@@ -8,22 +8,13 @@ import argparse
 import torch
 
 import graphopt
+from graphopt.models import Logits
 
 try:
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 except ImportError:
     raise SystemExit("this example needs transformers: pip install -e '.[hf]'")
 
-
-class Logits(torch.nn.Module):
-    """input_ids -> logits, without the KV cache (one graph for torch.export)."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def build(name: str):

@@ -178,6 +178,14 @@ def _median_ms(fn, inputs, runs: int) -> float:
     return statistics.median(times)
 
 
+def _search_options(args) -> dict:
+    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
+                   time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
+    if args.rules:
+        options["rules"] = tuple(args.rules)
+    return options
+
+
 def _cmd_optimize(args) -> int:
     if args.model.endswith(".onnx"):
         return _cmd_optimize_onnx(args)
@@ -192,10 +200,7 @@ def _cmd_optimize(args) -> int:
         _check_output_path(args.save)
     if args.runs < 1:
         raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
-    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
-                   time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
-    if args.rules:
-        options["rules"] = tuple(args.rules)
+    options = _search_options(args)
     Options.of(options)  # validate before the slow part
     from cost_models import get_cost_model  # noqa: F401  (fail early on a broken install)
     model, inputs = _load_model(args.model, args)
@@ -239,10 +244,7 @@ def _cmd_optimize_onnx(args) -> int:
         _check_output_path(args.output)
     if args.runs < 1:
         raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
-    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
-                   time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
-    if args.rules:
-        options["rules"] = tuple(args.rules)
+    options = _search_options(args)
     from .frontends.onnx import load_model
     original = load_model(args.model)
     result = optimize_onnx(original, opset=args.opset, **options)

@@ -2,7 +2,9 @@
 
 Most rules hold for every value of their inputs.  A few hold only for inputs of
 a known form: an additive attention mask that is the standard causal mask can
-be replaced by SDPA's ``is_causal=True``, one that is all zeros can be dropped.
+be replaced by SDPA's ``is_causal=True``, one that is all zeros can be dropped,
+and a chain of elementwise ops is GELU only when its scalars are GELU's
+(``eq:0.044715``).
 A rule input may name a guard; the matcher then binds it only to a constant
 (a folded literal, never a graph input) whose value passes :meth:`Guard.check`,
 and the verifier draws that input from :meth:`Guard.sample` instead of the
@@ -59,12 +61,26 @@ GUARDS = {g.name: g for g in (
 )}
 
 
+def _equals(value: float) -> Guard:
+    """``eq:<number>``: a scalar constant equal to the number (to float32 rounding), e.g.
+    the 0.044715 of GELU's tanh approximation."""
+    def check(t) -> bool:
+        return bool(t.numel() == 1 and t.dtype.is_floating_point
+                    and abs(float(t.reshape(())) - value) <= 1e-6 * max(1.0, abs(value)))
+    return Guard(f"eq:{value!r}", f"a scalar equal to {value!r}", check, lambda shape, rng: np.full(shape, value))
+
+
 def get_guard(name: str) -> Guard:
     from .errors import ShapeError
+    if isinstance(name, str) and name.startswith("eq:"):
+        try:
+            return _equals(float(name[3:]))
+        except ValueError:
+            raise ShapeError(f"guard {name!r}: not a number after 'eq:'") from None
     try:
         return GUARDS[name]
     except KeyError:
-        raise ShapeError(f"unknown guard {name!r} (known: {', '.join(sorted(GUARDS))})") from None
+        raise ShapeError(f"unknown guard {name!r} (known: {', '.join(sorted(GUARDS))}, eq:<number>)") from None
 
 
 __all__ = ["GUARDS", "Guard", "get_guard", "MASKED"]

@@ -146,6 +146,18 @@ class Llama(nn.Module):
         return self.head(self.norm(x))
 
 
+class Logits(nn.Module):
+    """A Hugging Face causal LM as ``input_ids -> logits``, without the KV cache: one
+    graph for torch.export and ONNX, and a plain tensor output for comparisons."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids):
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+
 def example(name: str, seq_len: int = 128, batch: int = 1, layers: int | None = None, seed: int = 0):
     """A built-in model and example inputs: ``(model, (input_ids,))``.
 

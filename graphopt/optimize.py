@@ -256,30 +256,17 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
     """Optimise one captured GraphModule; returns (module to run, GraphReport)."""
     from .backends.fx import export_fx
     from .frontends.fx import import_fx
-    from .rewrite import MGraph, fold_constants, to_graph
-    from .search import GraphCost, search
-
     rep = GraphReport()
     try:
         imp = import_fx(gm, example_inputs, constant_inputs=_parameters(gm, example_inputs))
         rep.nodes = len(imp.graph.nodes)
         rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
         rep.attention["blocks"] = _attention_blocks(imp)
-        mg, _ = MGraph.from_graph(imp.graph)
         cost_model = _cost_model(opts, example_inputs)
-        res = search(mg, _patterns(opts.rules), cost_model, alpha=opts.alpha, budget=opts.budget,
-                     time_limit=opts.time_limit)
-        rep.cost_before, rep.cost_after = res.initial_cost, res.cost
-        rep.applied, rep.search_seconds = res.applied, res.seconds
-        by_id = {p.rule_id: p for p in _patterns(opts.rules)}
-        rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in res.applied}
-        if not res.applied:
+        result = search_and_fold(imp.graph, _patterns(opts.rules), cost_model, opts, rep)
+        if result is None:
             return gm, rep
-        folded_graph, folded = fold_constants(res.graph, imp.graph.constants)
-        rep.folded = len(folded)
-        rep.attention.update(_fused_attention(folded_graph))
-        new_gm = export_fx(imp, to_graph(folded_graph, imp.graph, folded))
-        rep.cost_after = GraphCost(cost_model)(folded_graph)
+        new_gm = export_fx(imp, result)
     except Exception as e:  # never crash the user's model: keep the original graph
         rep.fallback = f"optimisation failed ({type(e).__name__}: {e}); original graph kept"
         rep.cost_after = rep.cost_before
@@ -293,6 +280,30 @@ def optimize_graph_module(gm, example_inputs, opts: Options):
             rep.fallback = f"verification failed: {why}; original graph kept"
             return gm, rep
     return new_gm, rep
+
+
+def search_and_fold(graph, patterns, cost_model, opts: Options, rep: GraphReport):
+    """The part every frontend shares: search, then fold constant subgraphs.
+
+    Fills in ``rep`` (costs, rules applied, folded constants, fused attention).
+    Returns:
+        the optimised IR graph, or None when no rule applied.
+    """
+    from .rewrite import MGraph, fold_constants, to_graph
+    from .search import GraphCost, search
+    mg, _ = MGraph.from_graph(graph)
+    res = search(mg, patterns, cost_model, alpha=opts.alpha, budget=opts.budget, time_limit=opts.time_limit)
+    rep.cost_before, rep.cost_after = res.initial_cost, res.cost
+    rep.applied, rep.search_seconds = res.applied, res.seconds
+    by_id = {p.rule_id: p for p in patterns}
+    rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in res.applied}
+    if not res.applied:
+        return None
+    folded_graph, folded = fold_constants(res.graph, graph.constants)
+    rep.folded = len(folded)
+    rep.attention.update(_fused_attention(folded_graph))
+    rep.cost_after = GraphCost(cost_model)(folded_graph)
+    return to_graph(folded_graph, graph, folded)
 
 
 def _parameters(gm, example_inputs) -> dict:

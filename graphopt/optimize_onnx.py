@@ -17,7 +17,7 @@ import traceback
 import numpy as np
 
 from .errors import GraphoptError
-from .optimize import GraphReport, Options, Report, _fused_attention, _patterns
+from .optimize import GraphReport, Options, Report, _patterns, search_and_fold
 
 REPORT_KEY = "graphopt.report"
 _ATTENTION_OPS = ("sdpa", "sdpa_masked")
@@ -75,8 +75,6 @@ def _optimize(original, opts: Options):
 
     from .backends.onnx import export_onnx
     from .frontends.onnx import import_onnx
-    from .rewrite import MGraph, fold_constants, to_graph
-    from .search import GraphCost, search
 
     rep = GraphReport()
     rep.notes = []
@@ -90,22 +88,13 @@ def _optimize(original, opts: Options):
             if rep.attention["blocks"]:
                 rep.notes.append(f"attention not fused: the model's opset is {imp.opset}; ONNX's Attention "
                                  f"operator needs opset 23 (pass --opset 23 to convert)")
-        mg, _ = MGraph.from_graph(imp.graph)
         from cost_models import get_cost_model
         cost_model = get_cost_model(opts.cost_model, device=opts.device or "cpu")
-        res = search(mg, patterns, cost_model, alpha=opts.alpha, budget=opts.budget, time_limit=opts.time_limit)
-        rep.cost_before, rep.cost_after = res.initial_cost, res.cost
-        rep.applied, rep.search_seconds = res.applied, res.seconds
-        by_id = {p.rule_id: p for p in patterns}
-        rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in res.applied}
-        if not res.applied:
+        graph = search_and_fold(imp.graph, patterns, cost_model, opts, rep)
+        if graph is None:
             return original, rep
-        folded_graph, folded = fold_constants(res.graph, imp.graph.constants)
-        rep.folded = len(folded)
-        rep.attention.update(_fused_attention(folded_graph))
-        result = export_onnx(imp, to_graph(folded_graph, imp.graph, folded))
+        result = export_onnx(imp, graph)
         onnx.checker.check_model(result, full_check=True)
-        rep.cost_after = GraphCost(cost_model)(folded_graph)
     except Exception as e:  # noqa: BLE001  never hand back a broken model: keep the original
         rep.fallback = f"optimisation failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); original model kept"
         if not isinstance(e, GraphoptError):

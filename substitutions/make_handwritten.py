@@ -126,7 +126,20 @@ def gqa_rules() -> list:
     return out
 
 
-RULES = attention_rules() + mask_rules() + gqa_rules() + [
+def gelu_rules() -> list:
+    """HF's NewGELUActivation, 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as written
+    (8 kernels in eager mode) -> one GELU kernel; the scalars are guarded to be GELU's."""
+    from graphopt.ops.elementwise import GELU_A, GELU_B
+    scalars = [("A", [], "eq:0.5"), ("B", [], f"eq:{GELU_B!r}"), ("C", [], f"eq:{GELU_A!r}"), ("D", [], "eq:1.0")]
+
+    def chain(g):
+        inner = g.add("add", "X", g.add("smul", g.add("spow", "X", exponent=3), "B"))
+        return g.add("mul", g.add("smul", "X", "A"), g.add("sadd", g.add("tanh", g.add("smul", inner, "C")), "D"))
+    return [rule("gelu-tanh", X + scalars, chain, lambda g: g.add("gelu_tanh", "X"),
+                 "GELU's tanh approximation written out (GPT-2's gelu_new): one fused kernel")]
+
+
+RULES = attention_rules() + mask_rules() + gqa_rules() + gelu_rules() + [
     rule("sdiv-to-smul-recip", X + S,
          lambda g: g.add("sdiv", "X", "s"), lambda g: g.add("smul", "X", g.add("recip", "s")),
          "canonical form: dividing by a scalar is multiplying by its reciprocal"),

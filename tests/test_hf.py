@@ -6,17 +6,10 @@ import pytest
 import torch
 
 import graphopt
+from graphopt.models import Logits
 
 transformers = pytest.importorskip("transformers")
 
-
-class Logits(torch.nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids):
-        return self.model(input_ids=input_ids, use_cache=False).logits
 
 
 def _build(name):

@@ -316,14 +316,7 @@ def gpt2_onnx(tmp_path_factory):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("onnxscript")
 
-    class Logits(torch.nn.Module):
-        def __init__(self, model):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids):
-            return self.model(input_ids=input_ids, use_cache=False).logits
-
+    from graphopt.models import Logits
     torch.manual_seed(0)
     cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64,
                                   bos_token_id=0, eos_token_id=0, attn_implementation="eager")

@@ -24,6 +24,7 @@ class Builder:
         self.nodes: list = []
         self.initializers: dict = {}     # name -> numpy array
         self.shapes: dict = {}           # ONNX name -> shape tuple
+        self.dtypes: dict = {}           # ONNX name -> dtype name
         self.values: dict = {}           # ONNX name -> constant numpy value (for scales)
         self.taken = set(taken)
         self._k = 0
@@ -54,6 +55,10 @@ class Builder:
     def const_value(self, name: str):
         return self.values.get(name)
 
+    def dtype(self, name: str):
+        """numpy dtype of a value (for constants written next to it)."""
+        return np.dtype(self.dtypes.get(name, "float32"))
+
 
 def export_onnx(imp, graph: Graph):
     """The ModelProto of an (optimised) IR graph imported from ``imp.model``."""
@@ -76,8 +81,9 @@ def export_onnx(imp, graph: Graph):
 
     def record(ref, name):
         name_of[ref] = name
-        shape, _ = graph.type_of(ref)
+        shape, dtype = graph.type_of(ref)
         b.shapes[name] = tuple(d.const for d in shape)
+        b.dtypes[name] = "float16" if dtype == "bfloat16" else dtype
 
     graph_inputs = {i.name for i in src.graph.input}
     for inp in graph.inputs:

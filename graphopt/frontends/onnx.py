@@ -23,6 +23,7 @@ import torch
 from ..errors import GraphoptError
 from ..ir import Graph
 from ..ops import REGISTRY
+from .fx import _unique
 
 MIN_OPSET = 13
 
@@ -339,16 +340,6 @@ def _opaque(imp, node, types):
     if typed:
         for name, r in zip(node.output, refs if isinstance(refs, tuple) else (refs,)):
             imp.ref_of[name] = r
-
-
-def _unique(name: str, names: set) -> str:
-    base, k = name or "t", 0
-    name = base
-    while name in names or name.startswith("%"):
-        k += 1
-        name = f"{base}_{k}"
-    names.add(name)
-    return name
 
 
 __all__ = ["import_onnx", "load_model", "convert_opset", "OnnxImport", "OnnxPayload", "default_opset"]

@@ -50,6 +50,9 @@ class Domain:
     def recip(self, x):
         raise NotImplementedError
 
+    def tanh(self, x):
+        raise NotImplementedError
+
     def softmax(self, x, axis: int, keep=None):
         """softmax over ``axis``; ``keep`` (0/1 array, broadcastable) masks entries out."""
         raise NotImplementedError
@@ -70,6 +73,9 @@ class FloatDomain(Domain):
     def recip(self, x):
         with np.errstate(divide="ignore"):
             return 1.0 / x
+
+    def tanh(self, x):
+        return np.tanh(x)
 
     def softmax(self, x, axis: int, keep=None):
         if keep is not None:
@@ -94,6 +100,9 @@ class ModDomain(Domain):
     def exp(self, x):  # a different non-degenerate polynomial: 3x^2+5x+7
         return ((3 * ((x * x) % PRIME)) + 5 * x + 7) % PRIME
 
+    def tanh(self, x):  # and another: 5x^2+2x+11
+        return ((5 * ((x * x) % PRIME)) + 2 * x + 11) % PRIME
+
     def recip(self, x):
         flat = [pow(int(v), PRIME - 2, PRIME) for v in np.asarray(x).reshape(-1)]
         return np.array(flat, dtype=np.int64).reshape(np.shape(x))
@@ -115,6 +124,9 @@ class Z3Domain(Domain):
 
     def exp(self, x):
         raise NotAlgebraic("exp")
+
+    def tanh(self, x):
+        raise NotAlgebraic("tanh")
 
     def softmax(self, x, axis: int, keep=None):
         raise NotAlgebraic("softmax")

@@ -1,15 +1,17 @@
-"""Elementwise operators: add, mul, neg, relu, exp, tensor-by-scalar mul/div, and the
-broadcasting add of a bias or an additive attention mask."""
+"""Elementwise operators: add, mul, neg, relu, exp, tanh, tensor-by-scalar add/mul/div,
+integer powers, the broadcasting add of a bias or an additive attention mask, and
+the tanh approximation of GELU."""
 from __future__ import annotations
 
 import operator
 
+import numpy as np
 import torch
 
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import FxForm, OnnxForm, OpDef, numel_int, register, same_shape
+from .base import AttrSpec, FxForm, OnnxForm, OpDef, numel_int, register, same_shape
 
 aten = torch.ops.aten
 
@@ -147,4 +149,74 @@ exp = register(OpDef(
     fx=(FxForm((torch.exp, "method:exp", aten.exp.default), sp.unary),),
     onnx=(OnnxForm("Exp", ox.unary),),
     to_onnx=ox.node("Exp"),
+))
+
+
+sadd = register(OpDef(
+    name="sadd", arity=2, algebraic=True, scalar_operand=1,
+    doc="Tensor plus a scalar (a 0-d tensor).",
+    infer=_by_scalar("sadd"),
+    compute=lambda dom, x, a: [dom.mod(x[0] + x[1])],
+    lower=lambda t, a: [t[0] + t[1]],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((operator.add, torch.add, "method:add", aten.add.Tensor, aten.add.Scalar),
+               sp.tensor_by_scalar(True)),),
+    onnx=(OnnxForm("Add", ox.by_scalar(True)),),
+    to_onnx=ox.node("Add"),
+))
+
+
+def _spow_compute(dom, x, a):
+    out = x[0]
+    for _ in range(a["exponent"] - 1):
+        out = dom.mod(out * x[0])
+    return [out]
+
+
+spow = register(OpDef(
+    name="spow", arity=1, algebraic=True,
+    doc="x ** n for a small integer n >= 2 (x * x * ... exactly).",
+    attrs={"exponent": AttrSpec("int", 2)},
+    infer=_same("spow"),
+    compute=_spow_compute,
+    lower=lambda t, a: [torch.pow(t[0], float(a["exponent"]))],
+    flops=lambda ins, outs, a: (a["exponent"] - 1) * numel_int(outs[0]),
+    fx=(FxForm((torch.pow, operator.pow, "method:pow", aten.pow.Tensor_Scalar), sp.integer_power),),
+    onnx=(OnnxForm("Pow", ox.integer_power),),
+    to_onnx=ox.emit_pow,
+))
+
+tanh = register(OpDef(
+    name="tanh", arity=1, algebraic=False,
+    doc="Elementwise tanh.  Fingerprint surrogate 5x^2+2x+11.",
+    infer=_same("tanh"),
+    compute=lambda dom, x, a: [dom.tanh(x[0])],
+    lower=lambda t, a: [torch.tanh(t[0])],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((torch.tanh, "method:tanh", aten.tanh.default), sp.unary),),
+    onnx=(OnnxForm("Tanh", ox.unary),),
+    to_onnx=ox.node("Tanh"),
+))
+
+GELU_A = 0.7978845608028654  # sqrt(2 / pi)
+GELU_B = 0.044715
+
+
+def _gelu_tanh_compute(dom, x, a):
+    if dom.name != "float":  # no exact meaning: a surrogate that is neither tanh's nor exp's
+        return [dom.mod(dom.tanh(x[0]) * x[0])]
+    t = x[0]
+    return [0.5 * t * (1.0 + np.tanh(GELU_A * (t + GELU_B * t ** 3)))]
+
+
+gelu_tanh = register(OpDef(
+    name="gelu_tanh", arity=1, algebraic=False,
+    doc="GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), one kernel.",
+    infer=_same("gelu_tanh"),
+    compute=_gelu_tanh_compute,
+    lower=lambda t, a: [torch.nn.functional.gelu(t[0], approximate="tanh")],
+    flops=_elementwise_flops(8),
+    fx=(FxForm((torch.nn.functional.gelu, aten.gelu.default), sp.gelu_tanh),),
+    onnx=(OnnxForm("Gelu", ox.gelu_tanh),),
+    to_onnx=ox.emit_gelu_tanh,
 ))

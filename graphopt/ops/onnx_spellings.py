@@ -25,6 +25,8 @@ def broadcast(inputs, attrs, ctx):
     if len(inputs) != 2 or attrs or len(ctx.out_shapes) != 1:
         return None
     a, b = inputs
+    if ctx.shape(a) == () or ctx.shape(b) == ():
+        return None  # a scalar: sadd
     if ctx.shape(a) == ctx.out_shapes[0]:
         return [a, b], {}
     if ctx.shape(b) == ctx.out_shapes[0]:
@@ -136,6 +138,18 @@ def repeat_heads(inputs, attrs, ctx):
     return [x], {"heads": out[r - 3]}
 
 
+def integer_power(inputs, attrs, ctx):
+    e = ctx.const(inputs[1]) if len(inputs) == 2 else None
+    if e is None or e.size != 1 or attrs:
+        return None
+    e = float(e.reshape(-1)[0])
+    return ([inputs[0]], {"exponent": int(e)}) if e == int(e) and 2 <= e <= 4 else None
+
+
+def gelu_tanh(inputs, attrs, ctx):
+    return ([inputs[0]], {}) if len(inputs) == 1 and attrs.get("approximate") in ("tanh", b"tanh") else None
+
+
 def recip(inputs, attrs, ctx):
     return ([inputs[0]], {}) if len(inputs) == 1 and ctx.shape(inputs[0]) == () else None
 
@@ -216,3 +230,23 @@ def emit_attention(masked: bool):
         else:
             b.node("Attention", [q, k, v] + extra, outs, **kw)
     return emit
+
+
+def emit_pow(b, ins, attrs, outs):
+    dtype = b.dtype(ins[0])
+    b.node("Pow", [ins[0], b.const(np.array(float(attrs["exponent"]), dtype=dtype))], outs)
+
+
+def emit_gelu_tanh(b, ins, attrs, outs):
+    """ONNX Gelu (opset 20) with approximate="tanh"; below that, its formula."""
+    if b.opset >= 20:
+        b.node("Gelu", ins, outs, approximate="tanh")
+        return
+    dtype = b.dtype(ins[0])
+    c = {k: b.const(np.array(v, dtype=dtype)) for k, v in
+         (("half", 0.5), ("b", 0.044715), ("a", 0.7978845608028654), ("one", 1.0), ("three", 3.0))}
+    x = ins[0]
+    cube = b.node("Pow", [x, c["three"]], 1)[0]
+    inner = b.node("Add", [x, b.node("Mul", [cube, c["b"]], 1)[0]], 1)[0]
+    t = b.node("Tanh", [b.node("Mul", [inner, c["a"]], 1)[0]], 1)[0]
+    b.node("Mul", [b.node("Mul", [x, c["half"]], 1)[0], b.node("Add", [t, c["one"]], 1)[0]], outs)

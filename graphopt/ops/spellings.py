@@ -164,6 +164,8 @@ def broadcast_add(args, kwargs, ctx):
     if parsed is None or len(ctx.out_shapes) != 1:
         return None
     a, b = parsed[0]
+    if ctx.rank(a) == 0 or ctx.rank(b) == 0:
+        return None  # a scalar: sadd
     if ctx.shape(a) == ctx.out_shapes[0]:
         return [a, b], {}
     if ctx.shape(b) == ctx.out_shapes[0]:
@@ -211,3 +213,20 @@ def masked_fill_as_mask(args, kwargs, ctx):
     if drop is None or drop.dtype != torch.bool or fill is None:
         return None
     return [x, torch.where(drop, torch.full((), fill, dtype=dtype), torch.zeros((), dtype=dtype))], {}
+
+
+def integer_power(args, kwargs, ctx):
+    """``x ** 3`` / ``torch.pow(x, 3.0)``: a small integral exponent."""
+    if len(args) != 2 or kwargs or not ctx.is_tensor(args[0]):
+        return None
+    e = args[1]
+    if not isinstance(e, numbers.Real) or isinstance(e, bool) or e != int(e) or not 2 <= e <= 4:
+        return None
+    return [args[0]], {"exponent": int(e)}
+
+
+def gelu_tanh(args, kwargs, ctx):
+    approximate = args[1] if len(args) > 1 else kwargs.get("approximate", "none")
+    if not args or not ctx.is_tensor(args[0]) or approximate != "tanh" or set(kwargs) - {"approximate"}:
+        return None
+    return [args[0]], {}
