@@ -11,9 +11,9 @@ forward:  one forward pass (batch 1), median of --runs, the variants interleaved
 memory:   peak resident memory added by one forward pass, eager vs graphopt, each
           in its own process (RSS sampled every millisecond while it runs).
 generate: greedy model.generate() of --new-tokens tokens, eager vs
-          torch.compile(backend="graphopt") with the static KV cache (one prefill
-          graph and one decode graph, both fused), timed after a warm-up call that
-          compiles; the tokens must be identical.
+          torch.compile(model.forward, backend="graphopt"), with HF's default dynamic
+          KV cache and with the static one (one prefill and one decode graph, both
+          fused), timed after a warm-up call that compiles; the tokens must be identical.
 """
 import argparse
 import json
@@ -125,14 +125,15 @@ def generate(args):
     model = build("eager")
     ids = torch.randint(0, 50257, (1, args.prompt))
     kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    results = {}
+    results, graphs = {}, {}
     with torch.no_grad():
-        for name in ("eager", "eager-static", "graphopt-static"):
+        eager_forward = model.forward
+        for name in ("eager", "eager-static", "graphopt", "graphopt-static"):
             extra = {"cache_implementation": "static"} if "static" in name else {}
-            if name == "graphopt-static":
+            if name.startswith("graphopt"):
                 torch._dynamo.reset()
                 LAST_REPORTS.clear()
-                model.forward = torch.compile(model.forward, backend="graphopt")
+                model.forward = torch.compile(eager_forward, backend="graphopt")
             out = model.generate(ids, **kw, **extra)  # warm-up (compiles)
             times = []
             for _ in range(args.runs):
@@ -140,14 +141,17 @@ def generate(args):
                 out = model.generate(ids, **kw, **extra)
                 times.append(time.perf_counter() - t)
             results[name] = (statistics.median(times), out)
+            if name.startswith("graphopt"):
+                graphs[name] = [(dict(r.attention), r.fallbacks) for r in LAST_REPORTS]
     ref = results["eager"][1]
     print(f"== GPT-2-small generate: prompt {args.prompt}, {args.new_tokens} new tokens, greedy, "
           f"median of {args.runs}, {torch.get_num_threads()} threads")
     for name, (s, out) in results.items():
         print(f"  {name:16s} {s:7.2f} s  {args.new_tokens / s:6.1f} tokens/s  {results['eager'][0] / s:5.2f}x vs eager"
               f"  tokens identical: {torch.equal(out, ref)}")
-    for r in LAST_REPORTS:
-        print(f"  graph: {dict(r.attention)} fallback={r.fallback}")
+    for name, reps in graphs.items():
+        for att, fallbacks in reps:
+            print(f"  {name} graph: attention {att}" + (f" fallbacks {fallbacks}" if fallbacks else ""))
 
 
 def main():

@@ -29,6 +29,10 @@ def export(path, T):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
     model = Logits(GPT2LMHeadModel(GPT2Config(attn_implementation="eager")).eval()).eval()
+    with torch.no_grad():  # HF initialises biases to 0 and the exporter drops zero biases; trained
+        for name, p in model.named_parameters():  # GPT-2 has them (and ORT's optimizer expects them)
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.02)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (torch.randint(0, 50257, (1, T)),), path, dynamo=True, opset_version=23,

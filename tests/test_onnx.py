@@ -1,7 +1,7 @@
 """The ONNX path: ``graphopt.optimize_onnx`` and ``graphopt optimize model.onnx``.
 
 Hand-built graphs (onnx.helper) mixing registry ops with ops graphopt does not model
-(LayerNormalization, Tanh, an ``If`` whose branches read an outer-scope tensor, a custom
+(LayerNormalization, Sin, an ``If`` whose branches read an outer-scope tensor, a custom
 domain) go through import, search and export: the result passes the full ONNX checker, keeps
 the graph's inputs and outputs (names and order) and its opaque nodes, and computes the same
 in onnxruntime.  Attention is fused into ONNX ``Attention`` at opset 23 (and only there), a
@@ -93,7 +93,7 @@ def _copy(model):
 
 def _mixed_model(with_custom=False, flag_shape=(1,)):
     """Registry ops (MatMul, Add, Transpose, Reshape, Mul by a scalar, Softmax) around ops
-    graphopt does not model: LayerNormalization, Tanh, and an If whose branches read ``sm``,
+    graphopt does not model: LayerNormalization, Sin, and an If whose branches read ``sm``,
     the output of a registry Softmax, from the enclosing graph.  ``Transpose`` twice in a row
     gives the search something to remove."""
     rng = np.random.default_rng(0)
@@ -112,7 +112,7 @@ def _mixed_model(with_custom=False, flag_shape=(1,)):
         helper.make_node("Softmax", ["rs"], ["sm"], axis=-1),
         helper.make_node("If", ["flag"], ["br"], then_branch=then_g, else_branch=else_g),
         helper.make_node("LayerNormalization", ["b", "ln_scale", "ln_bias"], ["ln"], axis=-1),
-        helper.make_node("Tanh", ["ln"], ["th"]),
+        helper.make_node("Sin", ["ln"], ["th"]),
         helper.make_node("Add", ["th", "bb"], ["y_ln"]),
         helper.make_node("Mul", ["sm", "two"], ["y_sm"]),
     ]
@@ -132,7 +132,7 @@ def _mixed_model(with_custom=False, flag_shape=(1,)):
     return _model(nodes, inputs, outputs, inits, extra_opsets=extra)
 
 
-OPAQUE = ("LayerNormalization", "Tanh", "If")
+OPAQUE = ("LayerNormalization", "Sin", "If")
 
 
 def _assert_round_trip(original, result, opaque=OPAQUE):

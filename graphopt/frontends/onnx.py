@@ -245,7 +245,20 @@ def import_onnx(model) -> OnnxImport:
         for form in op.onnx:
             spell.setdefault(form.op_type, []).append((op.name, form.parse))
     producers = {o: n for n in g_in.node for o in n.output}
+    folded = fold_literals(g_in, consts, imp.opset)
+    users = {x for n in g_in.node if not all(o in folded for o in n.output) for x in n.input}
+    users |= {o.name for o in g_in.output}
     for node in g_in.node:
+        if node.output and all(o in folded for o in node.output):
+            for o in node.output:  # computed now; a constant for whoever reads it
+                value = folded[o]
+                consts[o] = value
+                types[o] = (tuple(value.shape), _ELEM_BY_NUMPY.get(value.dtype.name))
+                if o in users and types[o][1] is not None:
+                    imp.ref_of[o] = g.add_external(_unique(o, names), value.shape, types[o][1],
+                                                   value=torch.from_numpy(np.array(value)))
+            imp.counts["folded"] = imp.counts.get("folded", 0) + 1
+            continue
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if node.domain in ("", "ai.onnx") and node.op_type == "Constant" and "value" in attrs:
             value = numpy_helper.to_array(attrs["value"])
@@ -263,6 +276,46 @@ def import_onnx(model) -> OnnxImport:
         _opaque(imp, node, types)
     g.outputs = [imp.ref_of[o.name] for o in g_in.output if o.name in imp.ref_of]
     return imp
+
+
+_RANDOM = ("RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+           "Bernoulli", "Dropout")
+MAX_FOLD_NUMEL = 1 << 26
+
+
+def fold_literals(graph, consts: dict, opset: int) -> dict:
+    """Values computed from literals alone (scalars and what is computed from them, not
+    weights), and integer/boolean values computed from any constants: the attention
+    mask a large export computes from ``Range``/``Where`` nodes.  Evaluated with
+    ``onnx.reference``; a node it cannot run is left alone.  Returns name -> value."""
+    import onnx
+    from onnx.reference import ReferenceEvaluator
+    literal = {k for k, v in consts.items() if v.size <= 1}
+    values: dict = {}
+    for node in graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type in _RANDOM or any(
+                a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in node.attribute):
+            continue
+        ins = [x for x in node.input if x]
+        if not all(x in consts or x in values for x in ins):
+            continue
+        from_literals = all(x in literal or x in values for x in ins)
+        try:
+            fn = ReferenceEvaluator(onnx.helper.make_model(
+                onnx.helper.make_graph([node], "fold", [onnx.helper.make_tensor_value_info(x, 0, None) for x in ins],
+                                       [onnx.helper.make_tensor_value_info(o, 0, None) for o in node.output]),
+                opset_imports=[onnx.helper.make_opsetid("", opset)]))
+            outs = fn.run(None, {x: values[x] if x in values else consts[x] for x in ins})
+        except Exception:  # noqa: BLE001  (an op the reference cannot run: leave it to run time)
+            continue
+        outs = [np.asarray(v) for v in outs]
+        if any(v.size > MAX_FOLD_NUMEL for v in outs):
+            continue
+        if not from_literals and any(np.issubdtype(v.dtype, np.floating) for v in outs):
+            continue  # of a weight: left to the search
+        for o, v in zip(node.output, outs):
+            values[o] = v
+    return values
 
 
 def _alias(imp, node, attrs, types) -> bool:
@@ -325,7 +378,7 @@ def _registry_op(imp, node, attrs, types, consts, spell, names, producers) -> bo
 
 
 _ELEM_BY_NUMPY = {"float32": "float32", "float16": "float16", "float64": "float64", "int64": "int64",
-                  "int32": "int32", "bool": "bool"}
+                  "int32": "int32", "int8": "int8", "uint8": "uint8", "bool": "bool"}
 
 
 def _opaque(imp, node, types):
