@@ -71,12 +71,15 @@ def _attention_blocks(imp) -> int:
     """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
     from .ir import OPAQUE
     from .ops import get_op
+    from .ir import node_ref
     targets = {t for form in get_op("softmax").fx for t in form.targets}
+    used = {r for node in imp.graph.nodes for r in node.inputs} | set(imp.graph.outputs)
     n = 0
     for idx, node in enumerate(imp.graph.nodes):
         if node.op == "softmax":
             n += 1
-        elif node.op == OPAQUE:
+        elif node.op == OPAQUE and node_ref(idx, 0, len(node.outs)) in used:  # (an fp32 upcast whose
+            # cast back became a softmax of its own is not used any more)
             fx_node = imp.graph.payloads[idx].node
             target = f"method:{fx_node.target}" if fx_node.op == "call_method" else fx_node.target
             try:
@@ -292,6 +295,7 @@ def search_and_fold(graph, patterns, cost_model, opts: Options, rep: GraphReport
     from .rewrite import MGraph, fold_constants, to_graph
     from .search import GraphCost, search
     mg, _ = MGraph.from_graph(graph)
+    mg.remove_dead()  # e.g. the fp32 softmax whose cast back became one softmax
     res = search(mg, patterns, cost_model, alpha=opts.alpha, budget=opts.budget, time_limit=opts.time_limit)
     rep.cost_before, rep.cost_after = res.initial_cost, res.cost
     rep.applied, rep.search_seconds = res.applied, res.seconds
@@ -482,8 +486,15 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         compiled = backend(gm, list(example_inputs))
     elif capture == "dynamo":
         compiled = torch.compile(model, backend=backend, dynamic=False)
-        with torch.no_grad():
+        # Dynamo caches compiled code per code object: many models of one class (or one
+        # wrapper) would hit its recompile limit and silently run eagerly; raise it for
+        # this capture (later calls only look up what was compiled)
+        limits = {k: max(getattr(torch._dynamo.config, k), 4096) for k in
+                  ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, k)}
+        with torch.no_grad(), torch._dynamo.config.patch(**limits):
             compiled(*example_inputs)   # capture and optimise now, not at the first user call
+        if not backend.report.graphs:
+            raise GraphoptError("Dynamo captured no graph of the model (it runs eagerly); try capture='export'")
     else:
         raise GraphoptError(f"unknown capture {capture!r} (dynamo or export)")
     backend.report.total_seconds = time.monotonic() - start

@@ -194,7 +194,7 @@ class MGraph:
             self._intern.setdefault((node.op, ins, node.attrs), nid)
 
     def remove_dead(self, start=None) -> int:
-        """Drop registry nodes whose outputs nobody uses; returns how many.
+        """Drop registry nodes (and pure opaque ones) whose outputs nobody uses; returns how many.
 
         Args:
             start: node ids that may have become dead (default: all); their
@@ -206,7 +206,7 @@ class MGraph:
         while stack:
             nid = stack.pop()
             node = self.nodes.get(nid)
-            if node is None or node.op in (INPUT, OPAQUE):
+            if node is None or node.op == INPUT or (node.op == OPAQUE and not getattr(node.payload, "pure", False)):
                 continue
             if any(self.consumers.get((nid, j)) or (nid, j) in live_outputs for j in range(len(node.outs))):
                 continue

@@ -294,3 +294,29 @@ def test_mask_broadcasting_over_keys_is_not_fused(capture, as_input):
     else:
         model, inputs, fresh = PerQueryBias(), _inputs(0), _inputs(1)
     _optimize_and_check(model, capture, inputs, fresh, fused=0, causal=0, masked=0, gqa=0)
+
+
+class UpcastSoftmax(torch.nn.Module):
+    """Half-precision attention with the fp32 softmax upcast and the cast back (Llama's form),
+    and K^T spelled as a permute of (B, T, H, D) straight to (B, H, D, T)."""
+
+    def forward(self, q, k_bthd, v):
+        T = q.shape[-2]
+        s = (q @ k_bthd.permute(0, 2, 3, 1)) * 0.25
+        s = s + torch.full((T, T), float("-inf"), dtype=q.dtype).triu(1)
+        return torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("capture", ["dynamo", "export"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_fp32_upcast_and_permute_forms_are_fused(capture, dtype):
+    torch.manual_seed(0)
+    q, v = (torch.randn(2, 4, 16, 16).to(dtype) for _ in range(2))
+    k = torch.randn(2, 16, 4, 16).to(dtype)
+    model = UpcastSoftmax()
+    fast = graphopt.optimize(model, (q, k, v), capture=capture, time_limit=10)
+    assert not fast.report.fallbacks
+    assert fast.report.attention == {"blocks": 1, "fused": 1, "causal": 1, "masked": 0, "gqa": 0}
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    with torch.no_grad():
+        torch.testing.assert_close(fast(q, k, v), model(q, k, v), rtol=tol, atol=tol)

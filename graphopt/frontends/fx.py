@@ -37,6 +37,7 @@ class FxPayload:
     node: fx.Node
     tensor_args: list  # the fx nodes whose values are the IR node's inputs, in order
     tuple_valued: bool = False  # the node returns a tuple; IR outputs are its items
+    pure: bool = False  # no side effects: dropped when its value is no longer used
 
     def run(self, args):
         raise GraphoptError(f"opaque node {self.node.name} can only run inside its GraphModule")
@@ -417,7 +418,8 @@ def _opaque(imp: FxImport, node):
     else:
         t = _tensor_type(value)
         outs = [t] if t is not None else []
-    payload = FxPayload(node, tensor_args, tuple_valued=isinstance(value, (list, tuple)) and bool(outs))
+    payload = FxPayload(node, tensor_args, tuple_valued=isinstance(value, (list, tuple)) and bool(outs),
+                        pure=bool(outs) and _pure_call(node))
     refs = imp.graph.add_opaque(payload, [imp.ref_of[a] for a in tensor_args], outs)
     if not outs:
         return

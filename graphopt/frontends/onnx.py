@@ -39,6 +39,7 @@ class OnnxPayload:
     node: object
     tracked: list          # positions in node.input of the IR inputs, in order
     implicit: list = field(default_factory=list)  # outer names its subgraphs read (IR inputs after tracked)
+    pure: bool = False  # no side effects: dropped when its value is no longer used
 
     def run(self, args):
         raise GraphoptError("an opaque ONNX node cannot run outside onnxruntime")
@@ -388,7 +389,7 @@ def _opaque(imp, node, types):
     ins = [imp.ref_of[node.input[k]] for k in tracked] + [imp.ref_of[x] for x in implicit]
     outs = [types.get(o) for o in node.output]
     typed = all(t is not None and t[0] is not None for t in outs) and all(node.output)
-    payload = OnnxPayload(node, tracked, implicit)
+    payload = OnnxPayload(node, tracked, implicit, pure=typed and node.op_type not in _RANDOM)
     refs = imp.graph.add_opaque(payload, ins, [t for t in outs] if typed else [])
     if typed:
         for name, r in zip(node.output, refs if isinstance(refs, tuple) else (refs,)):

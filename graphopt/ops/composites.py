@@ -58,6 +58,44 @@ def _first_tensor_alias(args, kwargs, ctx):
     return None
 
 
+def _cast_back(args, kwargs, ctx):
+    """A cast; when it casts ``softmax(x, dtype=float32)`` back to x's own dtype (the fp32
+    upcast of attention weights in fp16/bf16 models), the pair is one softmax over x."""
+    if not args or not isinstance(args[0], torch.fx.Node):
+        return None
+    src = args[0]
+    if not _is_call(src, ("softmax",), (torch.softmax, F.softmax, aten._softmax.default, aten.softmax.int)):
+        return _first_tensor_alias(args, kwargs, ctx)
+    x = src.args[0] if src.args else src.kwargs.get("input")
+    dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim")
+    upcast = src.kwargs.get("dtype", src.args[2] if len(src.args) > 2 else None)
+    if not ctx.is_tensor(x) or not isinstance(dim, int) or upcast not in (torch.float32, True):
+        return _first_tensor_alias(args, kwargs, ctx)
+    own = getattr(torch, ctx.dtype(x))
+    if own not in (torch.float16, torch.bfloat16) or ctx.meta(src).dtype != torch.float32:
+        return _first_tensor_alias(args, kwargs, ctx)
+    return [("softmax", [x], {"axis": dim % ctx.rank(x) - ctx.rank(x)})]
+
+
+def _permute(args, kwargs, ctx):
+    """A permute of several axes is a chain of two-axis transposes (front to back, so
+    ``(0, 2, 3, 1)`` of (B, T, H, D) ends with the swap of the last two: K^T)."""
+    if not args or not ctx.is_tensor(args[0]) or kwargs:
+        return None
+    perm = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
+    rank = ctx.rank(args[0])
+    if len(perm) != rank or not all(isinstance(p, int) for p in perm):
+        return None
+    perm, cur, steps = [p % rank for p in perm], list(range(rank)), []
+    for i in range(rank):
+        j = cur.index(perm[i])
+        if j != i:
+            cur[i], cur[j] = cur[j], cur[i]
+            src = args[0] if not steps else ("step", len(steps) - 1)
+            steps.append(("transpose", [src], {"dim0": i - rank, "dim1": j - rank}))
+    return steps if len(steps) > 1 else None  # one swap: the transpose spelling takes it
+
+
 def _repeat_heads(args, kwargs, ctx):
     """``x[..., None, :, :]`` (or ``unsqueeze(-3)``), ``expand`` the new axis, ``reshape``
     it into the head axis: each of the g heads repeated r times -> ``repeat_heads``."""
@@ -113,15 +151,18 @@ COMPOSITES = {
     aten.dropout.default: _dropout,
     "method:contiguous": _first_tensor_alias,
     "method:clone": _first_tensor_alias,
-    "method:type": _first_tensor_alias,
-    "method:to": _first_tensor_alias,
+    "method:type": _cast_back,
+    "method:to": _cast_back,
+    "method:permute": _permute,
+    torch.permute: _permute,
+    aten.permute.default: _permute,
     "method:float": _first_tensor_alias,
     aten.clone.default: _first_tensor_alias,
     aten.alias.default: _first_tensor_alias,
     aten.contiguous.default: _first_tensor_alias,
-    aten.to.dtype: _first_tensor_alias,
-    aten.to.dtype_layout: _first_tensor_alias,
-    aten._to_copy.default: _first_tensor_alias,
+    aten.to.dtype: _cast_back,
+    aten.to.dtype_layout: _cast_back,
+    aten._to_copy.default: _cast_back,
     "method:reshape": _repeat_heads,
     "method:view": _repeat_heads,
     aten.reshape.default: _repeat_heads,
