@@ -9,7 +9,9 @@ forward:  one forward pass (batch 1), median of --runs, the variants interleaved
           one process: HF eager attention, torch.compile (inductor), graphopt,
           torch.compile(backend="graphopt", inductor chained), HF attn_implementation="sdpa".
 memory:   peak resident memory added by one forward pass, eager vs graphopt, each
-          in its own process (RSS sampled every millisecond while it runs).
+          in its own process (RSS sampled every millisecond while it runs; glibc's
+          mmap threshold fixed and freed memory trimmed first, so RSS follows the
+          live tensors).
 generate: greedy model.generate() of --new-tokens tokens, eager vs
           torch.compile(model.forward, backend="graphopt"), with HF's default dynamic
           KV cache and with the static one (one prefill and one decode graph, both
@@ -30,10 +32,10 @@ import graphopt
 from graphopt.models import Logits
 
 
-def build(attn="eager", n_layer=12):
+def build(attn="eager", n_layer=12, n_positions=1024):
     from transformers import GPT2Config, GPT2LMHeadModel
     torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=n_layer, attn_implementation=attn)  # GPT-2-small sizes
+    cfg = GPT2Config(n_layer=n_layer, n_positions=n_positions, attn_implementation=attn)  # GPT-2-small sizes
     return GPT2LMHeadModel(cfg).eval()
 
 
@@ -95,29 +97,51 @@ def _peak_of(fn) -> float:
     return max(peak[0], _rss_mb()) - base
 
 
-def memory_child(variant, T):
-    model = Logits(build("eager"))
+class Body(torch.nn.Module):
+    """The transformer without the vocabulary head (whose T x 50,257 logits would hide
+    the attention's memory): input_ids -> last hidden state."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.transformer = lm.transformer
+
+    def forward(self, input_ids):
+        return self.transformer(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
+def memory_child(variant, T, part="body"):
+    lm = build("eager", n_positions=max(1024, T))  # GPT-2 has 1024 positions; more for T=2048
+    model = Body(lm) if part == "body" else Logits(lm)
     ids = torch.randint(0, 50257, (1, T))
     fn = model if variant == "eager" else graphopt.optimize(model, (ids,), time_limit=30)
+    import ctypes
+    trim = ctypes.CDLL("libc.so.6").malloc_trim
     with torch.no_grad():
-        fn(ids)  # warm-up: allocator pools, lazily created buffers
-        peaks = [_peak_of(lambda: fn(ids)) for _ in range(3)]
+        fn(ids)  # warm-up: lazily created buffers
+        peaks = []
+        for _ in range(3):
+            trim(0)  # give freed memory back, so RSS is what is live
+            peaks.append(_peak_of(lambda: fn(ids)))
     print(json.dumps({"variant": variant, "peak_mib": min(peaks),
                       "attention": getattr(getattr(fn, "report", None), "attention", None)}))
 
 
 def memory(args):
     for T in args.seq_len:
-        out = {}
-        for variant in ("eager", "graphopt"):
-            res = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(T)],
-                                 capture_output=True, text=True, check=True)
-            out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
-        e, g = out["eager"]["peak_mib"], out["graphopt"]["peak_mib"]
-        att = 12 * T * T * 4 / 2**20
-        print(f"== GPT-2-small forward, T={T}: peak RSS added by one forward pass: eager {e:.0f} MiB, "
-              f"graphopt {g:.0f} MiB ({e / g:.2f}x less); one 12-head T x T fp32 matrix is {att:.0f} MiB; "
-              f"graphopt attention: {out['graphopt']['attention']}")
+        for part in ("body", "lm"):
+            out = {}
+            for variant in ("eager", "graphopt"):
+                # a fixed mmap threshold: large tensors are mapped and unmapped, so RSS follows live memory
+                env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+                res = subprocess.run([sys.executable, __file__, "_memory_child", variant, str(T), part],
+                                     capture_output=True, text=True, check=True, env=env)
+                out[variant] = json.loads(res.stdout.strip().splitlines()[-1])
+            e, g = out["eager"]["peak_mib"], out["graphopt"]["peak_mib"]
+            att = 12 * T * T * 4 / 2**20
+            what = "transformer body (hidden states)" if part == "body" else "LM with logits"
+            print(f"== GPT-2-small {what}, T={T}: peak RSS added by one forward pass: eager {e:.0f} MiB, "
+                  f"graphopt {g:.0f} MiB ({e / g:.2f}x less); one 12-head T x T fp32 matrix is {att:.0f} MiB; "
+                  f"graphopt attention: {out['graphopt']['attention']}")
 
 
 def generate(args):
@@ -156,7 +180,7 @@ def generate(args):
 
 def main():
     if len(sys.argv) > 1 and sys.argv[1] == "_memory_child":
-        return memory_child(sys.argv[2], int(sys.argv[3]))
+        return memory_child(sys.argv[2], int(sys.argv[3]), sys.argv[4])
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["forward", "memory", "generate"])
     ap.add_argument("--seq-len", type=int, nargs="+")

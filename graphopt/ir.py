@@ -86,6 +86,9 @@ class Graph:
     outputs: list = field(default_factory=list)
     constants: dict = field(default_factory=dict)   # const input name -> tensor
     payloads: dict = field(default_factory=dict)    # opaque node index -> frontend payload
+    # node index -> indices of nodes that must run before it though no value flows between
+    # them: the original order of side effects (a KV-cache write, then its reads)
+    after: dict = field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------
     def add_input(self, name: str, shape, dtype: str = "float32", guard: str | None = None) -> str:

@@ -355,6 +355,7 @@ class BufferGuard:
 def _verify(original, optimized, example_inputs, opts: Options):
     """Compare on the example inputs and on fresh random float inputs of the same shapes."""
     gen = torch.Generator().manual_seed(opts.seed)
+    example_inputs = [_hint(x) for x in example_inputs]
     trials = [list(example_inputs)]
     buffers = [_is_buffer(n) for n in original.graph.nodes if n.op == "placeholder"]
     for _ in range(opts.verify_trials):
@@ -410,6 +411,17 @@ def _verify(original, optimized, example_inputs, opts: Options):
                 if d > atol * scale + rtol * scale:
                     return False, worst, f"max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
     return True, worst, None
+
+
+def _hint(x):
+    """A symbolic size (Dynamo passes them for dynamic shapes) as the int it stands for now,
+    read without installing a guard (``int()`` would specialise the graph)."""
+    if isinstance(x, torch.SymInt):
+        hint = getattr(x.node, "hint", None)
+        if hint is None:
+            raise GraphoptError("a symbolic size has no example value to verify with")
+        return int(hint)
+    return x
 
 
 def _restore(state, saved) -> None:

@@ -35,6 +35,7 @@ class MNode:
     name: str | None = None  # graph input name
     payload: object = None   # opaque payload
     const: bool = False      # a graph input whose value is known (weights, literals)
+    after: tuple = ()        # node ids that must run first though no value flows (side effects)
 
 
 class MGraph:
@@ -73,7 +74,7 @@ class MGraph:
     def from_graph(graph: Graph) -> tuple:
         """Returns (MGraph, value_of) where value_of maps IR refs to values."""
         mg = MGraph()
-        value_of = {}
+        value_of, id_of = {}, {}
         for inp in graph.inputs:
             shape = tuple(d.const for d in inp.shape)
             nid = mg.add_node(MNode(INPUT, (), (), ((shape, inp.dtype),), name=inp.name, const=inp.const),
@@ -82,10 +83,14 @@ class MGraph:
         for idx, n in enumerate(graph.nodes):
             outs = tuple((tuple(d.const for d in s), dt) for s, dt in n.outs)
             ins = tuple(value_of[r] for r in n.inputs)
+            after = tuple(id_of[k] for k in graph.after.get(idx, ()))
             if n.op == OPAQUE:
-                nid = mg.add_node(MNode(OPAQUE, ins, n.attrs, outs, payload=graph.payloads[idx]), intern=False)
+                nid = mg.add_node(MNode(OPAQUE, ins, n.attrs, outs, payload=graph.payloads[idx], after=after),
+                                  intern=False)
             else:
-                nid = mg.add_node(MNode(n.op, ins, tuple(concrete_attrs(n.attrs, {}).items()), outs))
+                nid = mg.add_node(MNode(n.op, ins, tuple(concrete_attrs(n.attrs, {}).items()), outs, after=after),
+                                  intern=not after)
+            id_of[idx] = nid
             for j in range(len(outs)):
                 value_of[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
         mg.outputs = [value_of[r] for r in graph.outputs]
@@ -148,13 +153,19 @@ class MGraph:
         self.by_op("")
         return {op: len(ids) for op, ids in self._by_op.items()}
 
+    def deps(self, nid) -> set:
+        """What must run before a node: its inputs' producers and its ordering deps."""
+        n = self.nodes[nid]
+        return {v[0] for v in n.inputs} | {a for a in n.after if a in self.nodes}
+
     def topo_order(self) -> list:
-        """Node ids, inputs before users (stable: ties by id)."""
+        """Node ids, inputs (and ordering deps) before users (stable: ties by id)."""
         import heapq
-        indeg = {nid: len({v[0] for v in n.inputs}) for nid, n in self.nodes.items()}
+        deps = {nid: self.deps(nid) for nid in self.nodes}
+        indeg = {nid: len(d) for nid, d in deps.items()}
         users: dict = {}
-        for nid, n in self.nodes.items():
-            for src in {v[0] for v in n.inputs}:
+        for nid, d in deps.items():
+            for src in d:
                 users.setdefault(src, []).append(nid)
         ready = [nid for nid, d in indeg.items() if d == 0]
         heapq.heapify(ready)
@@ -185,7 +196,7 @@ class MGraph:
             self.consumers[v].discard((nid, pos))
         if node.op not in (INPUT, OPAQUE) and self._intern.get((node.op, node.inputs, node.attrs)) == nid:
             del self._intern[(node.op, node.inputs, node.attrs)]
-        self.nodes[nid] = MNode(node.op, ins, node.attrs, node.outs, node.name, node.payload, node.const)
+        self.nodes[nid] = MNode(node.op, ins, node.attrs, node.outs, node.name, node.payload, node.const, node.after)
         self._by_sig = None
         self._changes += 1
         for pos, v in enumerate(ins):
@@ -226,8 +237,7 @@ class MGraph:
         if self._levels is None or self._levels[0] != self._changes:
             lv: dict = {}
             for nid in self.topo_order():
-                ins = self.nodes[nid].inputs
-                lv[nid] = 1 + max((lv[v[0]] for v in ins), default=-1)
+                lv[nid] = 1 + max((lv[d] for d in self.deps(nid)), default=-1)
             self._levels = (self._changes, lv)
         return self._levels[1]
 
@@ -243,7 +253,7 @@ class MGraph:
             if nid in seen or lv[nid] <= floor:
                 continue
             seen.add(nid)
-            stack.extend(v[0] for v in self.nodes[nid].inputs)
+            stack.extend(self.deps(nid))
         return False
 
     def const_nodes(self) -> set:
@@ -505,9 +515,11 @@ def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | Non
     new = mg if inplace else mg.copy()
     env = {inp.name: match.values[inp.name] for inp in p.rhs.inputs}
     matched = set(match.nodes.values())
+    # the replacement runs no earlier than what it replaces had to (reads of a cache after a write)
+    after = tuple(sorted({a for m in matched for a in mg.nodes[m].after} - matched))
     for idx, (node, attrs, outs) in enumerate(plan):
-        mnode = MNode(node.op, tuple(env[r] for r in node.inputs), attrs, outs)
-        nid = new.add_node(mnode)
+        mnode = MNode(node.op, tuple(env[r] for r in node.inputs), attrs, outs, after=after)
+        nid = new.add_node(mnode, intern=not after)
         if nid in matched:  # it interned to a node being replaced (relu(X) -> relu(relu(X))): a fresh copy
             nid = new.add_node(mnode, intern=False)
         for j in range(len(outs)):

@@ -45,3 +45,27 @@ def test_hf_model_same_outputs(name, capture):
     if name == "llama":
         merged = [k for k, v in fast.report.to_json()["rewrites"].items() if "concat" in v]
         assert sum(fast.report.applied[k] for k in merged) >= 6  # q/k/v and gate/up, 2 layers
+
+
+# other decoder families users bring: their own attention code, the same forms underneath
+FAMILIES = {
+    "qwen2": {"num_key_value_heads": 2},
+    "gemma": {"num_key_value_heads": 2, "head_dim": 16},
+    "gpt_neox": {},
+    "opt": {"ffn_dim": 128, "word_embed_proj_dim": 64},
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_other_decoder_families_fuse_every_block(family):
+    kw = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              vocab_size=128, max_position_embeddings=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    cfg = transformers.AutoConfig.for_model(family, **kw, **FAMILIES[family])
+    torch.manual_seed(0)
+    model = Logits(transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").eval())
+    ids = torch.randint(0, 128, (2, 16))
+    fast = graphopt.optimize(model, (ids,), time_limit=20)
+    att = fast.report.attention
+    assert not fast.report.fallbacks and att["blocks"] == att["fused"] == att["causal"] == 2, fast.report
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)

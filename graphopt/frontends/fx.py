@@ -130,7 +130,9 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items()
                                 if n not in mutated_roots(gm)})
     mutated = mutated_roots(gm)
+    order = _SideEffectOrder(gm, g)
     for node in gm.graph.nodes:
+        mark = len(g.nodes)
         if node in folded:
             if folded[node] is not None:  # used outside the folded part: a constant input
                 value = folded[node]
@@ -166,7 +168,42 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
             imp.counts["ops"] += 1
         else:
             _opaque(imp, node)
+        order.step(node, mark)
     return imp
+
+
+class _SideEffectOrder:
+    """Ordering deps (``Graph.after``) that keep side effects where they were: every opaque
+    node runs after the previous one, a read of a tensor the graph writes to runs after the
+    opaque node before it, and a write runs after the reads before it.  Rewrites keep them
+    (a replacement inherits the deps of what it replaces)."""
+
+    def __init__(self, gm, graph):
+        self.graph, self.written = graph, _written(gm)
+        self.last_opaque, self.readers = None, []
+
+    def step(self, node, mark):
+        g = self.graph
+        new = range(mark, len(g.nodes))
+        reads = any(a in self.written for a in node.all_input_nodes)
+        writes = _mutates(node)
+        for i in new:
+            deps = set()
+            if g.nodes[i].op == "opaque":
+                deps |= {self.last_opaque} if self.last_opaque is not None else set()
+                deps |= set(self.readers) if writes else set()
+            elif reads and self.last_opaque is not None:
+                deps.add(self.last_opaque)
+            deps.discard(i)
+            if deps:
+                g.after[i] = tuple(sorted(deps))
+        if reads:
+            self.readers.extend(new)
+        opaque = [i for i in new if g.nodes[i].op == "opaque"]
+        if opaque:
+            self.last_opaque = opaque[-1]
+        if writes:
+            self.readers = []
 
 
 # calls dropped on import: torch.export's checks of a tensor's dtype/device, which held
