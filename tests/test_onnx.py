@@ -343,6 +343,33 @@ def test_gpt2_exported_with_dynamo_has_both_blocks_fused(gpt2_onnx):
     _assert_same_outputs(original, result, seeds=(0, 1))
 
 
+def test_llama_exported_with_dynamo_has_attention_fused_and_projections_merged(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("onnxscript")
+    from graphopt.models import Logits
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, max_position_embeddings=64,
+                                   bos_token_id=0, eos_token_id=0, attn_implementation="eager")
+    model = Logits(transformers.LlamaForCausalLM(cfg).eval()).eval()
+    path = tmp_path / "llama.onnx"
+    with torch.no_grad():
+        torch.onnx.export(model, (torch.randint(0, 128, (2, 16)),), str(path), dynamo=True, opset_version=23,
+                          verbose=False)
+    original = onnx.load(str(path))
+    result = graphopt.optimize_onnx(original, time_limit=20)
+    report = graphopt.onnx_report(result)
+    assert not report["fallbacks"], report
+    assert report["attention"] == {"blocks": 2, "fused": 2, "causal": 2, "masked": 0, "gqa": 2}, report
+    merged = [k for k, v in report["rewrites"].items() if "concat" in v]
+    assert sum(report["rules_applied"][k] for k in merged) >= 6, report  # q/k/v and gate/up, 2 layers
+    assert _ops(result).count("Attention") == 2 and "Expand" not in _ops(result)
+    onnx.checker.check_model(result, full_check=True)
+    assert _io(result) == _io(original)
+    _assert_same_outputs(original, result, seeds=(0, 1))
+
+
 # ------------------------------------------------------------------------ safety net
 
 def test_a_wrong_optimised_model_is_caught_and_the_original_kept(monkeypatch):
