@@ -80,13 +80,12 @@ def _cast_back(args, kwargs, ctx):
 def _permute(args, kwargs, ctx):
     """A permute of several axes is a chain of two-axis transposes (front to back, so
     ``(0, 2, 3, 1)`` of (B, T, H, D) ends with the swap of the last two: K^T)."""
-    if not args or not ctx.is_tensor(args[0]) or kwargs:
+    from .spellings import permutation
+    perm = permutation(args, kwargs, ctx)
+    if perm is None:
         return None
-    perm = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
-    rank = ctx.rank(args[0])
-    if len(perm) != rank or not all(isinstance(p, int) for p in perm):
-        return None
-    perm, cur, steps = [p % rank for p in perm], list(range(rank)), []
+    rank = len(perm)
+    cur, steps = list(range(rank)), []
     for i in range(rank):
         j = cur.index(perm[i])
         if j != i:

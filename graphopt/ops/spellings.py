@@ -70,15 +70,23 @@ def transpose(args, kwargs, ctx):
     return [args[0]], {"dim0": d0, "dim1": d1}
 
 
-def permute_as_transpose(args, kwargs, ctx):
-    """A permute that swaps exactly two axes is a transpose."""
+def permutation(args, kwargs, ctx):
+    """The axes of ``x.permute(...)`` / ``torch.permute(x, dims)``, non-negative, or None."""
     if not args or not ctx.is_tensor(args[0]) or kwargs:
         return None
     perm = args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:]
     rank = ctx.rank(args[0])
     if len(perm) != rank or not all(isinstance(p, int) for p in perm):
         return None
-    perm = [p % rank for p in perm]
+    return [p % rank for p in perm]
+
+
+def permute_as_transpose(args, kwargs, ctx):
+    """A permute that swaps exactly two axes is a transpose."""
+    perm = permutation(args, kwargs, ctx)
+    if perm is None:
+        return None
+    rank = len(perm)
     moved = [i for i, p in enumerate(perm) if p != i]
     if len(moved) != 2 or perm[moved[0]] != moved[1]:
         return None
