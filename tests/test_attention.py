@@ -320,3 +320,16 @@ def test_fp32_upcast_and_permute_forms_are_fused(capture, dtype):
     tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
     with torch.no_grad():
         torch.testing.assert_close(fast(q, k, v), model(q, k, v), rtol=tol, atol=tol)
+
+
+def test_causal_mask_from_a_registered_buffer_is_guarded():
+    """nanoGPT's mask is a registered tril buffer, sliced to T: fused with is_causal while the
+    buffer is unchanged; after it changes, the original graph runs (the result follows it)."""
+    from graphopt.models import example
+    model, (ids,) = example("gpt2", seq_len=32, batch=1, layers=2)
+    fast = graphopt.optimize(model, (ids,), time_limit=10)
+    assert fast.report.attention["fused"] == fast.report.attention["causal"] == 2, fast.report
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+        model.blocks[0].causal[5, 2] = False  # no longer the causal mask
+        torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
