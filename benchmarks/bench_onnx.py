@@ -17,7 +17,6 @@ import time
 import numpy as np
 import torch
 
-import graphopt
 from graphopt.models import Logits
 from graphopt.optimize_onnx import onnx_report, session
 

@@ -275,16 +275,8 @@ def _cmd_optimize_onnx(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    from .optimize import GraphReport, Report
-    rep = GraphReport(ops=report["ops"], opaque=report["opaque"], cost_before=report["cost_before_s"],
-                      cost_after=report["cost_after_s"], search_seconds=report["search_seconds"],
-                      folded=report["folded_constants"], max_abs_diff=report["max_abs_diff"],
-                      fallback=(report["fallbacks"] or [None])[0])
-    rep.applied.update(report["rules_applied"])
-    rep.rewrites = dict(report["rewrites"])
-    rep.attention.update(report["attention"])
-    rep.notes = report["notes"]
-    print(str(Report([rep])).replace("graphopt: 1 graph(s)", f"graphopt: {args.model}"))
+    from .optimize import format_report
+    print(format_report(report, title=args.model))
     if before is not None:
         print(f"  latency        original {before:.2f} ms, optimized {after:.2f} ms "
               f"({before / after:.2f}x, onnxruntime CPU, median of {args.runs})")

@@ -65,6 +65,7 @@ class GraphReport:
     max_abs_diff: float = 0.0
     fallback: str | None = None
     attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
+    notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
 
 
 def _attention_blocks(imp) -> int:
@@ -110,7 +111,7 @@ class Report:
 
     @property
     def notes(self) -> list:
-        return [n for g in self.graphs for n in getattr(g, "notes", [])]
+        return [n for g in self.graphs for n in g.notes]
 
     @property
     def applied(self) -> Counter:
@@ -169,31 +170,37 @@ class Report:
             "folded_constants": sum(g.folded for g in self.graphs),
             "max_abs_diff": self.max_abs_diff,
             "attention": self.attention,
+            "notes": self.notes,
             "fallbacks": self.fallbacks,
         }
 
     def __str__(self) -> str:
-        j = self.to_json()
-        lines = [f"graphopt: {j['graphs']} graph(s), {j['ops']} ops modelled, {j['opaque']} opaque",
-                 f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
-                 f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
-        if j["rules_applied"]:
-            lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
-            for k, v in j["rules_applied"].items():
-                lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
-        else:
-            lines.append("  rules applied  none")
-        a = j["attention"]
-        if a["blocks"] or a["fused"]:
-            lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
-                         f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
-        lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
-        for n in self.notes:
-            lines.append(f"  note           {n}")
-        for f in j["fallbacks"]:
-            lines.append(f"  FALLBACK       {f}")
-        return "\n".join(lines)
+        return format_report(self.to_json())
 
+
+def format_report(j: dict, title: str | None = None) -> str:
+    """The report as text, from its JSON form (:meth:`Report.to_json`; an ONNX model's
+    stored report has the same form)."""
+    head = title or f"{j['graphs']} graph(s)"
+    lines = [f"graphopt: {head}, {j['ops']} ops modelled, {j['opaque']} opaque",
+             f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
+             f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
+    if j["rules_applied"]:
+        lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
+        for k, v in j["rules_applied"].items():
+            lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
+    else:
+        lines.append("  rules applied  none")
+    a = j["attention"]
+    if a["blocks"] or a["fused"]:
+        lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
+                     f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
+    lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
+    for n in j["notes"]:
+        lines.append(f"  note           {n}")
+    for f in j["fallbacks"]:
+        lines.append(f"  FALLBACK       {f}")
+    return "\n".join(lines)
 
 _PATTERN_CACHE: dict = {}
 

@@ -67,7 +67,7 @@ def _attach(model, report: Report) -> None:
         if model.metadata_props[k].key == REPORT_KEY:
             del model.metadata_props[k]
     entry = model.metadata_props.add()
-    entry.key, entry.value = REPORT_KEY, json.dumps({**report.to_json(), "notes": report.notes})
+    entry.key, entry.value = REPORT_KEY, json.dumps(report.to_json())
 
 
 def _optimize(original, opts: Options):
@@ -77,7 +77,6 @@ def _optimize(original, opts: Options):
     from .frontends.onnx import import_onnx
 
     rep = GraphReport()
-    rep.notes = []
     try:
         imp = import_onnx(original)
         rep.nodes, rep.ops, rep.opaque = len(imp.graph.nodes), imp.counts["ops"], imp.counts["opaque"]

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .dims import evaluate_shape, shape_of, shape_symbols
+from .dims import evaluate_shape, shape_symbols
 from .errors import NotAlgebraic, ShapeError
 from .guards import get_guard
-from .ir import Graph, concrete_attrs, node_ref
-from .ops import get_op
+from .ir import Graph, concrete_attrs
 
 # (rtol, atol) for comparing two computations of the same value in a dtype
 TOLERANCES = {
@@ -126,18 +125,16 @@ class FloatPlan:
 
 
 def typechecks(graph: Graph, binding: dict) -> bool:
-    """Whether every node's shape inference accepts the graph at these sizes."""
-    types = {i.name: (evaluate_shape(i.shape, binding), i.dtype) for i in graph.inputs}
-    for idx, node in enumerate(graph.nodes):
-        opdef = get_op(node.op)
-        ins = [types[r] for r in node.inputs]
-        try:
-            outs = opdef.infer_checked([shape_of(s) for s, _ in ins], [dt for _, dt in ins],
-                                       opdef.full_attrs(concrete_attrs(node.attrs, binding)))
-        except ShapeError:
-            return False
-        for j, (shape, dt) in enumerate(outs):
-            types[node_ref(idx, j, len(outs))] = (tuple(d.const for d in shape), dt)
+    """Whether every node's shape inference accepts the graph at these sizes (the graph
+    rebuilt with concrete shapes, by the same ``Graph.add`` that validates any graph)."""
+    g = Graph()
+    try:
+        for i in graph.inputs:
+            g.add_input(i.name, evaluate_shape(i.shape, binding), i.dtype, i.guard)
+        for node in graph.nodes:
+            g.add(node.op, *node.inputs, **concrete_attrs(node.attrs, binding))
+    except ShapeError:
+        return False
     return True
 
 

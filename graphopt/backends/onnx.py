@@ -70,13 +70,10 @@ def export_onnx(imp, graph: Graph):
     b = Builder(graph, imp.opset, taken)
     name_of: dict = {}   # IR ref -> ONNX name
     out_names = [o.name for o in src.graph.output]
+    tracked_outs = [o for o in out_names if o in imp.ref_of]  # graph.outputs, by their ONNX names
     wanted = {}          # IR ref -> graph output name it should carry
     orig_ref = {v: k for k, v in imp.ref_of.items()}
-    for name in out_names:
-        r = imp.ref_of.get(name)
-        if r is not None and r in graph.outputs:
-            pass
-    for ref, name in zip(graph.outputs, [o for o in out_names if o in imp.ref_of]):
+    for ref, name in zip(graph.outputs, tracked_outs):
         wanted.setdefault(ref, name)
 
     def record(ref, name):
@@ -90,9 +87,7 @@ def export_onnx(imp, graph: Graph):
         original = orig_ref.get(inp.name, inp.name)
         if inp.const:
             value = graph.constants[inp.name]
-            name = original if original not in graph_inputs and original in taken else b.fresh("w")
-            if name == original and original in graph_inputs:
-                name = b.fresh("w")
+            name = original if original in taken and original not in graph_inputs else b.fresh("w")
             arr = value.detach().cpu().numpy() if hasattr(value, "detach") else np.asarray(value)
             b.values[name] = arr
             b.initializers[name] = arr
@@ -124,7 +119,7 @@ def export_onnx(imp, graph: Graph):
         for r, name in zip(refs, outs):
             record(r, name)
     # graph outputs: the original names, in the original order
-    for ref, name in zip(graph.outputs, [o for o in out_names if o in imp.ref_of]):
+    for ref, name in zip(graph.outputs, tracked_outs):
         if name_of[ref] != name:
             b.nodes.append(onnx.helper.make_node("Identity", [name_of[ref]], [name]))
     b.nodes = _live(b.nodes, set(out_names))

@@ -127,10 +127,10 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     g = Graph()
     imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0, "folded": 0})
     names = set()
-    folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items()
-                                if n not in mutated_roots(gm)})
-    mutated = mutated_roots(gm)
-    order = _SideEffectOrder(gm, g)
+    written = _written(gm)  # found once: folding, constants and ordering all need it
+    mutated = _roots(written)
+    folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items() if n not in mutated}, written)
+    order = _SideEffectOrder(g, written)
     for node in gm.graph.nodes:
         mark = len(g.nodes)
         if node in folded:
@@ -178,8 +178,8 @@ class _SideEffectOrder:
     opaque node before it, and a write runs after the reads before it.  Rewrites keep them
     (a replacement inherits the deps of what it replaces)."""
 
-    def __init__(self, gm, graph):
-        self.graph, self.written = graph, _written(gm)
+    def __init__(self, graph, written: set):
+        self.graph, self.written = graph, written
         self.last_opaque, self.readers = None, []
 
     def step(self, node, mark):
@@ -232,7 +232,7 @@ def _pure_call(node) -> bool:
         return False
 
 
-def fold_literals(gm: fx.GraphModule, constants: dict | None = None) -> dict:
+def fold_literals(gm: fx.GraphModule, constants: dict | None = None, written: set | None = None) -> dict:
     """Compute now the values that depend on no input, parameter or buffer, and the
     boolean/integer values computed from constants (a slice of a mask buffer).
 
@@ -247,7 +247,8 @@ def fold_literals(gm: fx.GraphModule, constants: dict | None = None) -> dict:
     """
     values: dict = dict(constants or {})
     literal: set = set()  # nodes computed from literals alone
-    written = _written(gm)  # a tensor updated in place later (a lazily created cache) is no constant
+    if written is None:  # a tensor updated in place later (a lazily created cache) is no constant
+        written = _written(gm)
     for node in gm.graph.nodes:
         if not _pure_call(node) or node in written or any(a not in values for a in node.all_input_nodes):
             continue
@@ -305,7 +306,11 @@ def _mutates(node) -> bool:
 def mutated_roots(gm: fx.GraphModule) -> set:
     """Placeholders and attributes that the graph updates in place, directly or through a
     view (``cache.index_copy_(...)``, ``x[:, i] = v``): their values are not constants."""
-    return {n for n in _written(gm) if n.op in ("placeholder", "get_attr")}
+    return _roots(_written(gm))
+
+
+def _roots(written: set) -> set:
+    return {n for n in written if n.op in ("placeholder", "get_attr")}
 
 
 def _written(gm: fx.GraphModule) -> set:

@@ -378,8 +378,7 @@ def _registry_op(imp, node, attrs, types, consts, spell, names, producers) -> bo
     return False
 
 
-_ELEM_BY_NUMPY = {"float32": "float32", "float16": "float16", "float64": "float64", "int64": "int64",
-                  "int32": "int32", "int8": "int8", "uint8": "uint8", "bool": "bool"}
+_ELEM_BY_NUMPY = {name: name for name in _ELEM.values() if name != "bfloat16"}  # numpy has no bfloat16
 
 
 def _opaque(imp, node, types):

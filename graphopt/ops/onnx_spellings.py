@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import GraphoptError
+from .spellings import full_size_first
 
 
 def _neg(axis: int, rank: int) -> int:
@@ -24,14 +25,7 @@ def broadcast(inputs, attrs, ctx):
     """``Add(x, b)`` with b broadcasting to x (either order): the full-size one first."""
     if len(inputs) != 2 or attrs or len(ctx.out_shapes) != 1:
         return None
-    a, b = inputs
-    if ctx.shape(a) == () or ctx.shape(b) == ():
-        return None  # a scalar: sadd
-    if ctx.shape(a) == ctx.out_shapes[0]:
-        return [a, b], {}
-    if ctx.shape(b) == ctx.out_shapes[0]:
-        return [b, a], {}
-    return None
+    return full_size_first(*inputs, ctx.shape(inputs[0]), ctx.shape(inputs[1]), ctx.out_shapes[0])
 
 
 def _scalar(name, ctx):
@@ -242,9 +236,10 @@ def emit_gelu_tanh(b, ins, attrs, outs):
     if b.opset >= 20:
         b.node("Gelu", ins, outs, approximate="tanh")
         return
+    from .elementwise import GELU_A, GELU_B  # the op's own constants (elementwise imports this module)
     dtype = b.dtype(ins[0])
     c = {k: b.const(np.array(v, dtype=dtype)) for k, v in
-         (("half", 0.5), ("b", 0.044715), ("a", 0.7978845608028654), ("one", 1.0), ("three", 3.0))}
+         (("half", 0.5), ("b", GELU_B), ("a", GELU_A), ("one", 1.0), ("three", 3.0))}
     x = ins[0]
     cube = b.node("Pow", [x, c["three"]], 1)[0]
     inner = b.node("Add", [x, b.node("Mul", [cube, c["b"]], 1)[0]], 1)[0]

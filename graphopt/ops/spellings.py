@@ -172,11 +172,17 @@ def broadcast_add(args, kwargs, ctx):
     if parsed is None or len(ctx.out_shapes) != 1:
         return None
     a, b = parsed[0]
-    if ctx.rank(a) == 0 or ctx.rank(b) == 0:
-        return None  # a scalar: sadd
-    if ctx.shape(a) == ctx.out_shapes[0]:
+    return full_size_first(a, b, ctx.shape(a), ctx.shape(b), ctx.out_shapes[0])
+
+
+def full_size_first(a, b, shape_a, shape_b, out_shape):
+    """``a + b`` as ``badd(full, addend)``: the operand with the result's shape first; a
+    scalar addend is not badd's (it is sadd's).  Shared by the fx and ONNX spellings."""
+    if shape_a == () or shape_b == ():
+        return None
+    if shape_a == out_shape:
         return [a, b], {}
-    if ctx.shape(b) == ctx.out_shapes[0]:
+    if shape_b == out_shape:
         return [b, a], {}
     return None
 
