@@ -9,12 +9,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
-
 from .progress import Progress
 from .rules import Rule, RuleLibrary
-from .verify import (FloatPlan, TOLERANCES, close, float_check, graph_symbols, instantiations,
-                     random_inputs, typechecks, z3_check)
+from .verify import TOLERANCES, FloatPlan, verify_rule
 
 
 @dataclass
@@ -24,32 +21,10 @@ class VerifyReport:
 
 
 def check_rule(rule: Rule, seed: int = 12345, dtypes=("float32",), z3: bool = False) -> str | None:
-    """None when the rule holds, else a one-line reason."""
-    import torch
-
+    """None when the rule holds, else a one-line reason (the counterexample)."""
     plan = FloatPlan(seeds=(seed, seed + 1, seed + 2), shapes=3, shape_seed=seed)
-    if not float_check(rule.src, rule.dst, plan):
-        return "float64 reference outputs differ"
-    for binding in instantiations(graph_symbols(rule.src), 2, seed, valid=lambda b: typechecks(rule.src, b)):
-        src_fn, dst_fn = rule.src.to_torch(binding), rule.dst.to_torch(binding)
-        env = random_inputs(rule.src, binding, seed)
-        expected = rule.src.evaluate(env, "ref", binding)
-        for dtype in dtypes:
-            tdt = getattr(torch, dtype)
-            args = [torch.from_numpy(np.asarray(env[i.name])).to(tdt) for i in rule.inputs]
-            with torch.no_grad():
-                a, b = src_fn(*args), dst_fn(*args)
-            for x, y, ref in zip(a, b, expected):
-                x, y = x.to(torch.float64).numpy(), y.to(torch.float64).numpy()
-                if not close(x, y, dtype):
-                    return f"torch {dtype} outputs differ at sizes {binding}"
-                if not close(x, ref, dtype):
-                    return f"torch {dtype} lowering disagrees with the reference at sizes {binding}"
-    if z3:
-        result = z3_check(rule.src, rule.dst)
-        if result == "refuted":
-            return "Z3 found a counterexample"
-    return None
+    verdict = verify_rule(rule.src, rule.dst, plan, z3=z3, torch_dtypes=tuple(dtypes))
+    return None if verdict.passed else verdict.counterexample
 
 
 def verify_library(lib: RuleLibrary, seed: int = 12345, dtypes=("float32",), z3: bool = False,

@@ -35,10 +35,10 @@ import numpy as np
 
 from .dims import Dim, evaluate_shape
 from .ir import Graph, Input, attrs_to_json
-from .ops import PRIME, get_op
+from .ops import PRIME, enumerable_ops, get_op
 
-DEFAULT_OPS = ("matmul", "add", "mul", "smul", "sdiv", "neg", "relu", "exp",
-               "transpose", "concat", "split", "reduce_sum")
+# every op of the registry that can be enumerated, in registry order
+DEFAULT_OPS = enumerable_ops()
 
 
 def default_inputs() -> tuple:

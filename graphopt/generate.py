@@ -22,7 +22,7 @@ from .ops import get_op
 from .progress import Progress
 from .prune import candidate_pairs, dedupe_by_renaming, representatives
 from .rules import Rule, RuleLibrary
-from .verify import TOLERANCES, FloatPlan, float_outputs, same_outputs, z3_check
+from .verify import TOLERANCES, FloatPlan, verify_rule
 
 
 @dataclass
@@ -93,7 +93,7 @@ def _verify_bucket(records, settings: GenerateSettings, stats: Counter) -> list:
     if not pairs:
         return []
     plan = settings.plan()
-    graphs, outs = {}, {}
+    graphs, cache = {}, {}
     rules = []
     for i, j in pairs:
         # the bigger graph is the source: applying a rule forward simplifies
@@ -104,25 +104,18 @@ def _verify_bucket(records, settings: GenerateSettings, stats: Counter) -> list:
             if (k, key) not in graphs:
                 graphs[(k, key)] = decode(reps[k], inputs)
         src, dst = graphs[(a, key)], graphs[(b, key)]
-        cases = plan.cases(src)
-        for k, g in ((a, src), (b, dst)):
-            if (k, key) not in outs:
-                outs[(k, key)] = float_outputs(g, cases)
         stats["float_tested"] += 1
-        if not same_outputs(outs[(a, key)], outs[(b, key)], "float64"):
+        verdict = verify_rule(src, dst, plan, z3=settings.z3, z3_timeout_ms=settings.z3_timeout_ms,
+                              fingerprint=True, cache=cache)
+        if not verdict.evidence["float"]["passed"]:
             stats["float_refuted"] += 1
             continue
         stats["float_verified"] += 1
-        z3_result = z3_check(src, dst, settings.z3_timeout_ms) if settings.z3 else "skipped"
+        z3_result = verdict.evidence["z3"]
         stats[f"z3_{z3_result.replace('-', '_')}"] += 1
-        if z3_result == "refuted":
+        if not verdict.passed:
             continue
-        evidence = {
-            "fingerprint": True,
-            # seeds, shapes and tolerance of the float plan are in the library's "generator"
-            "float": {"passed": True, "cases": len(cases)},
-            "z3": z3_result,
-        }
+        evidence = verdict.evidence  # seeds, shapes and tolerance of the float plan: in "generator"
         provenance = {"source": "generator", "seed": settings.seed}
         rules.append(Rule(src, dst, evidence, provenance))
     return rules

@@ -153,6 +153,106 @@ def float_check(src: Graph, dst: Graph, plan: FloatPlan = FloatPlan()) -> bool:
     return same_outputs(float_outputs(src, cases), float_outputs(dst, cases))
 
 
+# -- the one verifier ---------------------------------------------------------------------
+
+@dataclass
+class Verdict:
+    """What :func:`verify_rule` found: the evidence of a rule that holds, or why it does not."""
+
+    passed: bool
+    evidence: dict
+    counterexample: str | None = None   # one line: where the two sides differ
+
+
+def verify_rule(src: Graph, dst: Graph, plan: FloatPlan = FloatPlan(), *, z3: bool = True,
+                z3_timeout_ms: int = 2000, fingerprint: bool = False, torch_dtypes=(),
+                cache: dict | None = None) -> Verdict:
+    """Turn a candidate rule ``src == dst`` into evidence: every layer the rule passes.
+
+    The generator, the loader of text rules and ``graphopt rules verify`` all call this.
+
+    Args:
+        src, dst: the two sides (same inputs, outputs mapped by position).
+        plan: the float test: seeds x shape instantiations (+ one batched case), float64.
+        z3: also try a Z3 proof (rules of algebraic ops only; others get ``"not-algebraic"``).
+        fingerprint: the candidate came from equal exact fingerprints (recorded, not recomputed).
+        torch_dtypes: also run both sides' torch lowerings in these dtypes, each against the
+            other and against the float64 reference, with the dtype's tolerance.
+        cache: reuse float outputs of a graph tested before (keyed by ``id(graph)``).
+    Returns:
+        a :class:`Verdict`; ``evidence`` is what a rule stores (``fingerprint``, ``float``
+        with its case count, ``z3``), ``counterexample`` says where a failing rule differs.
+
+    Example:
+        >>> v = verify_rule(src, dst)
+        >>> v.passed, v.evidence["z3"]
+        (True, 'proved')
+    """
+    cases = plan.cases(src)
+    outs = []
+    for g in (src, dst):
+        if cache is not None and id(g) in cache:
+            outs.append(cache[id(g)])
+            continue
+        o = float_outputs(g, cases)
+        if cache is not None:
+            cache[id(g)] = o
+        outs.append(o)
+    evidence = {"fingerprint": bool(fingerprint), "float": {"passed": False, "cases": len(cases)},
+                "z3": "skipped"}
+    for (binding, seed, batch), a, b in zip(cases, *outs):
+        if not same_outputs([a], [b]):
+            return Verdict(False, evidence, _float_counterexample(a, b, binding, seed, batch))
+    evidence["float"]["passed"] = True
+    for dtype in torch_dtypes:
+        why = _torch_check(src, dst, dtype, plan)
+        if why:
+            return Verdict(False, evidence, why)
+    if z3:
+        result, model = z3_check(src, dst, z3_timeout_ms, with_model=True)
+        evidence["z3"] = result
+        if result == "refuted":
+            return Verdict(False, evidence, f"Z3 refutes it: {model}")
+    return Verdict(True, evidence)
+
+
+def _float_counterexample(a, b, binding, seed, batch) -> str:
+    where = f"sizes {binding or '{}'}, input seed {seed}" + (f", batch axis {batch}" if batch else "")
+    for k, (p, q) in enumerate(zip(a, b)):
+        p, q = np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+        if p.shape != q.shape:
+            return f"output {k} has shape {q.shape} on the right, {p.shape} on the left ({where})"
+        if not close(p, q):
+            with np.errstate(invalid="ignore"):
+                d = np.abs(p - q)
+            d = np.where(np.isnan(d), np.inf, d)
+            i = np.unravel_index(int(np.argmax(d)), d.shape) if d.ndim else ()
+            return (f"output {k} differs at {where}: left {float(p[i]):.6g}, right {float(q[i]):.6g} "
+                    f"at index {tuple(int(x) for x in i)}")
+    return f"outputs differ ({where})"
+
+
+def _torch_check(src: Graph, dst: Graph, dtype: str, plan: FloatPlan) -> str | None:
+    """Both torch lowerings in ``dtype`` agree with each other and with the reference."""
+    import torch
+    tdt = getattr(torch, dtype)
+    for binding in instantiations(graph_symbols(src), 2, plan.shape_seed,
+                                  valid=lambda b: typechecks(src, b)):
+        src_fn, dst_fn = src.to_torch(binding), dst.to_torch(binding)
+        env = random_inputs(src, binding, plan.seeds[0])
+        expected = src.evaluate(env, "ref", binding)
+        args = [torch.from_numpy(np.asarray(env[i.name])).to(tdt) for i in src.inputs]
+        with torch.no_grad():
+            a, b = src_fn(*args), dst_fn(*args)
+        for x, y, ref in zip(a, b, expected):
+            x, y = x.to(torch.float64).numpy(), y.to(torch.float64).numpy()
+            if not close(x, y, dtype):
+                return f"torch {dtype} outputs differ at sizes {binding}"
+            if not close(x, ref, dtype):
+                return f"torch {dtype} lowering disagrees with the reference at sizes {binding}"
+    return None
+
+
 # -- Z3 ---------------------------------------------------------------------------------
 
 def z3_bindings(graph: Graph) -> list:
@@ -163,18 +263,20 @@ def z3_bindings(graph: Graph) -> list:
     return [up] if up == down else [up, down]
 
 
-def z3_check(src: Graph, dst: Graph, timeout_ms: int = 2000) -> str:
+def z3_check(src: Graph, dst: Graph, timeout_ms: int = 2000, with_model: bool = False):
     """Prove ``src == dst`` at small sizes, in both size orders of every pair of symbols.
 
     Returns:
         ``"proved"``, ``"refuted"``, ``"timeout"`` or ``"not-algebraic"`` (an op
-        without exact algebraic semantics, e.g. relu or exp).
+        without exact algebraic semantics, e.g. relu or exp); with ``with_model``, a pair
+        (result, a one-line counterexample or None).
     """
     results = [_z3_at(src, dst, b, timeout_ms) for b in z3_bindings(src)]
     for r in ("not-algebraic", "refuted", "timeout"):
-        if r in results:
-            return r
-    return "proved"
+        for res, model in results:
+            if res == r:
+                return (r, model) if with_model else r
+    return ("proved", None) if with_model else "proved"
 
 
 def _z3_at(src: Graph, dst: Graph, binding: dict, timeout_ms: int) -> str:
@@ -194,24 +296,26 @@ def _z3_at(src: Graph, dst: Graph, binding: dict, timeout_ms: int) -> str:
         a = src.evaluate(env, "z3", binding)
         b = dst.evaluate(env, "z3", binding)
     except NotAlgebraic:
-        return "not-algebraic"
+        return "not-algebraic", None
     diffs = []
     for x, y in zip(a, b):
         if np.shape(x) != np.shape(y):
-            return "refuted"
+            return "refuted", f"output shapes {np.shape(x)} and {np.shape(y)} differ at sizes {binding}"
         for p, q in zip(np.asarray(x).reshape(-1), np.asarray(y).reshape(-1)):
             d = z3.simplify(p - q, som=True)
             if not (z3.is_rational_value(d) and d.as_fraction() == 0):
                 diffs.append(d)
     if not diffs:
-        return "proved"
+        return "proved", None
     solver = z3.Solver()
     solver.set("timeout", timeout_ms)
     solver.add(*nonzero)
     solver.add(z3.Or([d != 0 for d in diffs]))
     result = solver.check()
     if result == z3.unsat:
-        return "proved"
+        return "proved", None
     if result == z3.sat:
-        return "refuted"
-    return "timeout"
+        m = solver.model()
+        values = ", ".join(f"{d}={m[d]}" for d in sorted(m.decls(), key=str)[:8])
+        return "refuted", f"at sizes {binding}, inputs {values}{', ...' if len(m.decls()) > 8 else ''}"
+    return "timeout", None

@@ -17,7 +17,8 @@ import z3
 from graphopt.dims import Dim, evaluate_shape, shape_of
 from graphopt.errors import NotAlgebraic, ShapeError, UnknownOpError
 from graphopt.ir import concrete_attrs
-from graphopt.ops import PRIME, REGISTRY, AttrSpec, OpDef, get_op, registry_version
+from graphopt.ops import PRIME, REGISTRY, AttrSpec, OpDef, RegistryError, get_op, registry_version
+from graphopt.ops.base import opdef_problems, register
 from graphopt.ops.base import FLOAT_DTYPES
 
 OP_NAMES = sorted(REGISTRY)
@@ -128,36 +129,8 @@ def int_inputs(op, shapes, rng):
 
 # -- completeness of every OpDef ---------------------------------------------------------
 
-ATTR_KINDS = {"int", "bool", "dim", "dims"}
-
-
-def opdef_problems(op) -> list:
-    """What is missing or wrong in an OpDef (empty when it is complete)."""
-    problems = []
-    if not (isinstance(op.name, str) and op.name):
-        problems.append("name")
-    if not (isinstance(op.arity, int) and not isinstance(op.arity, bool) and op.arity >= 1):
-        problems.append("arity")
-    for fn in ("infer", "compute", "lower", "flops"):
-        if not callable(getattr(op, fn, None)):
-            problems.append(fn)
-    if not (isinstance(op.doc, str) and op.doc.strip()):
-        problems.append("doc")
-    if not isinstance(op.algebraic, bool):
-        problems.append("algebraic")
-    if not isinstance(op.commutative, bool) or (op.commutative and op.arity != 2):
-        problems.append("commutative")
-    if not isinstance(op.view, bool):
-        problems.append("view")
-    if op.scalar_operand is not None and not 0 <= op.scalar_operand < op.arity:
-        problems.append("scalar_operand")
-    if op.enum_attrs is not None and not callable(op.enum_attrs):
-        problems.append("enum_attrs")
-    if not isinstance(op.attrs, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, AttrSpec) and v.kind in ATTR_KINDS
-            for k, v in op.attrs.items()):
-        problems.append("attrs")
-    return problems
+# the completeness check lives in the registry (graphopt.ops.base.opdef_problems) and runs at
+# registration; these tests make sure it really fails on incomplete definitions
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -193,9 +166,25 @@ def _good_opdef(**overrides):
     (dict(attrs={"axis": AttrSpec("float")}), "attrs"),
 ])
 def test_opdef_check_catches_missing_field(override, field):
-    """The completeness check really fails on an OpDef that misses a field."""
+    """The completeness check really fails on an OpDef that misses a field, and
+    registering such an OpDef fails at once, naming the field."""
     assert opdef_problems(_good_opdef()) == []
     assert field in opdef_problems(_good_opdef(**override))
+    with pytest.raises(RegistryError, match=field):
+        register(_good_opdef(**override))
+    assert "fake" not in REGISTRY
+
+
+def test_register_refuses_a_second_definition():
+    with pytest.raises(RegistryError, match="registered twice"):
+        register(_good_opdef(name="matmul"))
+
+
+def test_enumerated_ops_are_derived_from_the_registry():
+    from graphopt.enumerate import DEFAULT_OPS
+    assert DEFAULT_OPS == tuple(n for n, op in REGISTRY.items() if op.enum_attrs is not None)
+    assert DEFAULT_OPS == ("matmul", "add", "mul", "smul", "sdiv", "neg", "relu", "exp",
+                           "transpose", "concat", "split", "reduce_sum")
 
 
 @pytest.mark.parametrize("name", OP_NAMES)

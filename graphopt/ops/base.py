@@ -300,13 +300,67 @@ def _coerce_attr(op: str, key: str, kind: str, value):
 
 
 REGISTRY: dict[str, OpDef] = {}
+ATTR_KINDS = ("int", "bool", "dim", "dims")
+
+
+class RegistryError(ValueError):
+    """An operator definition that is incomplete or inconsistent: raised at registration,
+    so a missing field fails when graphopt is imported, not later in a test or a model."""
+
+
+def opdef_problems(op: OpDef) -> list:
+    """The fields of an OpDef that are missing or wrong (empty when it is complete)."""
+    problems = []
+    if not (isinstance(op.name, str) and op.name.isidentifier()):
+        problems.append("name")
+    if not (isinstance(op.arity, int) and not isinstance(op.arity, bool) and op.arity >= 1):
+        problems.append("arity")
+    for fn in ("infer", "compute", "lower", "flops"):
+        if not callable(getattr(op, fn, None)):
+            problems.append(fn)
+    if not (isinstance(op.doc, str) and op.doc.strip()):
+        problems.append("doc")
+    if not isinstance(op.algebraic, bool):
+        problems.append("algebraic")
+    if not isinstance(op.commutative, bool) or (op.commutative and op.arity != 2):
+        problems.append("commutative")
+    if not isinstance(op.view, bool):
+        problems.append("view")
+    if op.scalar_operand is not None and not (isinstance(op.scalar_operand, int)
+                                              and 0 <= op.scalar_operand < op.arity):
+        problems.append("scalar_operand")
+    if op.enum_attrs is not None and not callable(op.enum_attrs):
+        problems.append("enum_attrs")
+    if not isinstance(op.attrs, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, AttrSpec) and v.kind in ATTR_KINDS
+            for k, v in op.attrs.items()):
+        problems.append("attrs")
+    if not all(isinstance(f, FxForm) and callable(f.parse) and isinstance(f.targets, tuple) for f in op.fx):
+        problems.append("fx")
+    if not all(isinstance(f, OnnxForm) and callable(f.parse) and isinstance(f.op_type, str) for f in op.onnx):
+        problems.append("onnx")
+    if op.to_onnx is not None and not callable(op.to_onnx):
+        problems.append("to_onnx")
+    return problems
 
 
 def register(op: OpDef) -> OpDef:
+    """Add an operator to the registry, after checking that its definition is complete."""
+    if not isinstance(op, OpDef):
+        raise RegistryError(f"register() takes an OpDef, got {type(op).__name__}")
+    problems = opdef_problems(op)
+    if problems:
+        raise RegistryError(f"operator {op.name!r}: missing or invalid field(s): {', '.join(problems)}")
     if op.name in REGISTRY:
-        raise ValueError(f"operator {op.name!r} registered twice")
+        raise RegistryError(f"operator {op.name!r} registered twice")
     REGISTRY[op.name] = op
     return op
+
+
+def enumerable_ops() -> tuple:
+    """The ops the rule generator enumerates by default: every registered op that says how
+    to instantiate its attributes (``enum_attrs``), in registry order."""
+    return tuple(name for name, op in REGISTRY.items() if op.enum_attrs is not None)
 
 
 def get_op(name: str) -> OpDef:

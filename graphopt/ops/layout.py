@@ -1,4 +1,4 @@
-"""Layout operators: concat, split and reshape."""
+"""Layout operators: transpose, concat, split and reshape."""
 from __future__ import annotations
 
 import numpy as np
@@ -11,6 +11,34 @@ from . import spellings as sp
 from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, register
 
 aten = torch.ops.aten
+
+
+def _transpose_infer(shapes, dtypes, attrs):
+    (s,) = shapes
+    d0 = norm_axis("transpose", attrs["dim0"], len(s))
+    d1 = norm_axis("transpose", attrs["dim1"], len(s))
+    if d0 == d1:
+        raise ShapeError("transpose: dim0 and dim1 are the same axis")
+    out = list(s)
+    out[d0], out[d1] = out[d1], out[d0]
+    return [(tuple(out), dtypes[0])]
+
+
+transpose = register(OpDef(
+    name="transpose", arity=1, algebraic=True, view=True,
+    doc="Swap two axes (by default the last two).",
+    attrs={"dim0": AttrSpec("int", -2), "dim1": AttrSpec("int", -1)},
+    infer=_transpose_infer,
+    compute=lambda dom, x, a: [np.swapaxes(x[0], a["dim0"], a["dim1"])],
+    lower=lambda t, a: [t[0].transpose(a["dim0"], a["dim1"])],
+    flops=lambda ins, outs, a: 0,
+    enum_attrs=lambda shapes: [{"dim0": -2, "dim1": -1}] if len(shapes[0]) >= 2 else [],
+    fx=(FxForm((torch.transpose, "method:transpose", aten.transpose.int, torch.t, "method:t", aten.t.default),
+               sp.transpose),
+        FxForm((torch.permute, "method:permute", aten.permute.default), sp.permute_as_transpose)),
+    onnx=(OnnxForm("Transpose", ox.transpose),),
+    to_onnx=ox.emit_transpose,
+))
 
 
 def _concat_infer(shapes, dtypes, attrs):

@@ -1,4 +1,4 @@
-"""Linear-algebra operators: matmul and transpose."""
+"""Linear-algebra operators: matmul."""
 from __future__ import annotations
 
 import operator
@@ -9,7 +9,7 @@ import torch
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
+from .base import FxForm, OnnxForm, OpDef, numel_int, register
 
 aten = torch.ops.aten
 
@@ -40,32 +40,4 @@ matmul = register(OpDef(
                 aten.bmm.default), sp.binary_tensors),),
     onnx=(OnnxForm("MatMul", ox.matmul),),
     to_onnx=ox.node("MatMul"),
-))
-
-
-def _transpose_infer(shapes, dtypes, attrs):
-    (s,) = shapes
-    d0 = norm_axis("transpose", attrs["dim0"], len(s))
-    d1 = norm_axis("transpose", attrs["dim1"], len(s))
-    if d0 == d1:
-        raise ShapeError("transpose: dim0 and dim1 are the same axis")
-    out = list(s)
-    out[d0], out[d1] = out[d1], out[d0]
-    return [(tuple(out), dtypes[0])]
-
-
-transpose = register(OpDef(
-    name="transpose", arity=1, algebraic=True, view=True,
-    doc="Swap two axes (by default the last two).",
-    attrs={"dim0": AttrSpec("int", -2), "dim1": AttrSpec("int", -1)},
-    infer=_transpose_infer,
-    compute=lambda dom, x, a: [np.swapaxes(x[0], a["dim0"], a["dim1"])],
-    lower=lambda t, a: [t[0].transpose(a["dim0"], a["dim1"])],
-    flops=lambda ins, outs, a: 0,
-    enum_attrs=lambda shapes: [{"dim0": -2, "dim1": -1}] if len(shapes[0]) >= 2 else [],
-    fx=(FxForm((torch.transpose, "method:transpose", aten.transpose.int, torch.t, "method:t", aten.t.default),
-               sp.transpose),
-        FxForm((torch.permute, "method:permute", aten.permute.default), sp.permute_as_transpose)),
-    onnx=(OnnxForm("Transpose", ox.transpose),),
-    to_onnx=ox.emit_transpose,
 ))
