@@ -28,11 +28,14 @@ from graphopt.models import example
 
 
 def search_time(seq_len: int) -> dict:
+    """The pipeline's IR stages on GPT-2's captured graph: each schedule phase and its time."""
     from cost_models import get_cost_model
     from graphopt.frontends.fx import import_fx
-    from graphopt.optimize import Options, _parameters, _patterns
-    from graphopt.rewrite import MGraph
-    from graphopt.search import search
+    from graphopt.optimize import _parameters
+    from graphopt.options import Options
+    from graphopt.pipeline import transform
+    from graphopt.report import GraphReport
+    from graphopt.schedule import planned
 
     model, (ids,) = example("gpt2", seq_len=seq_len)
     caps = []
@@ -43,18 +46,17 @@ def search_time(seq_len: int) -> dict:
     with torch.no_grad():
         torch.compile(model, backend=grab)(ids)
     gm, ex = caps[0]
+    opts = Options(time_limit=60.0)
     t = time.monotonic()
-    patterns = _patterns(Options().rules)
+    plan = planned(opts)
     load_s = time.monotonic() - t
     imp = import_fx(gm, ex, constant_inputs=_parameters(gm, ex))
-    mg, _ = MGraph.from_graph(imp.graph)
-    opts = Options()
-    res = search(mg, patterns, get_cost_model("roofline", device="cpu"), alpha=opts.alpha,
-                 budget=opts.budget, time_limit=60.0)
-    return {"fx_nodes": len(gm.graph.nodes), "ir_nodes": len(mg.nodes), "patterns": len(patterns),
-            "pattern_load_s": load_s, "search_s": res.seconds, "expanded": res.expanded,
-            "stopped_by": res.stopped_by, "applied": dict(res.applied),
-            "cost_ms": (res.initial_cost * 1e3, res.cost * 1e3)}
+    rep = GraphReport()
+    transform(imp.graph, plan, get_cost_model("roofline", device="cpu"), opts, rep)
+    return {"fx_nodes": len(gm.graph.nodes), "ir_nodes": len(imp.graph.nodes),
+            "patterns": sum(len(s.patterns) for s in plan), "pattern_load_s": load_s,
+            "search_s": rep.search_seconds, "phases": rep.phases, "applied": dict(rep.applied),
+            "cost_ms": (rep.cost_before * 1e3, rep.cost_after * 1e3)}
 
 
 def latency(name: str, seq_len: int, runs: int, layers=None) -> dict:
@@ -107,7 +109,8 @@ def main() -> int:
         print(f"\n## search, GPT-2-small 12 layers, T={args.search_seq_len}")
         print(f"fx nodes {s['fx_nodes']}, IR nodes {s['ir_nodes']}, patterns {s['patterns']} "
               f"(loaded in {s['pattern_load_s']:.1f} s)")
-        print(f"search {s['search_s']:.2f} s, {s['expanded']} graphs expanded, stopped by {s['stopped_by']}; "
+        phases = ", ".join(f"{k} {v['seconds']:.2f} s ({v['applied']} sites)" for k, v in s["phases"].items())
+        print(f"schedule {s['search_s']:.2f} s: {phases}; "
               f"model cost {s['cost_ms'][0]:.2f} -> {s['cost_ms'][1]:.2f} ms; applied {s['applied']}")
     if not args.skip_latency:
         print(f"\n## forward latency, T={args.seq_len}, median of {args.runs} (interleaved rounds)")

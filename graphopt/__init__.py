@@ -11,7 +11,8 @@ __version__ = "0.1.0"
 from .errors import GraphoptError, RuleFormatError, ShapeError, UnknownOpError  # noqa: E402
 from .ir import Graph  # noqa: E402
 from .rules import Rule, RuleLibrary, load_rules  # noqa: E402
-from .optimize import OptimizedModule, Report, optimize, register as _register  # noqa: E402
+from .optimize import OptimizedModule, optimize, register as _register  # noqa: E402
+from .report import Report  # noqa: E402
 from .optimize_onnx import onnx_report, optimize_onnx  # noqa: E402
 
 _register()  # torch.compile(model, backend="graphopt")

@@ -65,8 +65,40 @@ def _print_stats(meta: dict) -> None:
 
 
 def _load(path):
+    """A rule library: a .json library, a .rules text file (parsed and verified), or the
+    name of a shipped one (default, handwritten); default: the generated library."""
     from .rules import load_rules
-    return load_rules(path)
+    from .schedule import SHIPPED
+    if path is not None and str(path).endswith(".rules"):
+        from .rulelang import load_rule_file
+        return load_rule_file(path)
+    return load_rules(SHIPPED.get(path, path))
+
+
+def _cmd_rules_compile(args) -> int:
+    """Parse and verify text rule files into one JSON library (the shipped handwritten.json)."""
+    from .schedule import SHIPPED, compile_hand_written, hand_written_sources
+    sources = args.files or hand_written_sources()
+    output = args.output or str(SHIPPED["handwritten"])
+    for f in sources:
+        if not str(f).endswith(".rules"):
+            raise GraphoptError(f"{f}: not a .rules file")
+    lib = compile_hand_written(sources)
+    text = lib.dumps()
+    if args.check:
+        from pathlib import Path
+        current = Path(output).read_text() if Path(output).exists() else None
+        if current != text:
+            print(f"{output} is out of date with {', '.join(map(str, sources))}: run graphopt rules compile")
+            return 1
+        print(f"{output} is up to date ({len(lib)} rules)")
+        return 0
+    _check_output_path(output)
+    from .rules import write_atomic
+    write_atomic(output, text)
+    names = sorted({r.provenance.get("ruleset", "?") for r in lib})
+    print(f"wrote {len(lib)} verified rules ({', '.join(names)}) to {output}")
+    return 0
 
 
 def _cmd_rules_list(args) -> int:
@@ -89,11 +121,15 @@ def _cmd_rules_show(args) -> int:
         if not args.png:
             raise GraphoptError("--png needs a file name")
         _check_output_path(args.png)
-    lib = _load(args.library)
-    try:
-        rule = lib[args.rule_id]
-    except KeyError as e:
-        raise GraphoptError(str(e.args[0])) from None
+    rule, error = None, None
+    for library in ([args.library] if args.library else ["default", "handwritten"]):
+        try:  # without --library: the generated rules, then the hand-written ones
+            rule = _load(library)[args.rule_id]
+            break
+        except KeyError as e:
+            error = error or str(e.args[0])
+    if rule is None:
+        raise GraphoptError(error)
     if args.dot:
         from .render import rule_to_dot
         sys.stdout.write(rule_to_dot(rule))
@@ -182,7 +218,13 @@ def _search_options(args) -> dict:
     options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
                    time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
     if args.rules:
-        options["rules"] = tuple(args.rules)
+        from pathlib import Path
+        for f in args.rules:
+            if not Path(f).is_file():
+                raise GraphoptError(f"{f}: no such rule file")
+        options["rules"] = ("default", "handwritten") + tuple(args.rules)
+    if args.ruleset:
+        options["rulesets"] = tuple(args.ruleset)
     return options
 
 
@@ -194,7 +236,8 @@ def _cmd_optimize(args) -> int:
     import torch
 
     from . import optimize
-    from .optimize import Options, _flatten
+    from .optimize import _flatten
+    from .options import Options
     from .rules import write_atomic
     if args.save:
         _check_output_path(args.save)
@@ -275,7 +318,7 @@ def _cmd_optimize_onnx(args) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
-    from .optimize import format_report
+    from .report import format_report
     print(format_report(report, title=args.model))
     if before is not None:
         print(f"  latency        original {before:.2f} ms, optimized {after:.2f} ms "
@@ -317,25 +360,34 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rules", help="inspect and re-check a rule library")
     rsub = r.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     rl = rsub.add_parser("list", help="one line per rule")
-    rl.add_argument("library", nargs="?", help="rule library (default: the shipped one)")
+    rl.add_argument("library", nargs="?", help="rule library: .json, .rules text, or default / handwritten "
+                                               "(default: the generated one)")
     rl.add_argument("--op", help="only rules that use this op")
     rl.add_argument("--json", action="store_true")
     rl.set_defaults(func=_cmd_rules_list)
     rs = rsub.add_parser("show", help="one rule in full, optionally as a picture")
     rs.add_argument("rule_id")
-    rs.add_argument("--library", help="rule library (default: the shipped one)")
+    rs.add_argument("--library", help="rule library: .json, .rules text, or default / handwritten "
+                                      "(default: the generated, then the hand-written rules)")
     out = rs.add_mutually_exclusive_group()
     out.add_argument("--png", metavar="FILE", help="write a PNG picture")
     out.add_argument("--dot", action="store_true", help="print Graphviz DOT")
     rs.set_defaults(func=_cmd_rules_show)
     rv = rsub.add_parser("verify", help="re-check every rule on fresh seeds and shapes")
-    rv.add_argument("library", nargs="?", help="rule library (default: the shipped one)")
+    rv.add_argument("library", nargs="?", help="rule library: .json, .rules text, or default / handwritten "
+                                               "(default: the generated one)")
     rv.add_argument("--seed", type=int, default=12345)
     rv.add_argument("--dtype", action="append", choices=["float64", "float32", "float16", "bfloat16"],
                     help="torch dtypes to check the lowering in (default float32; repeatable)")
     rv.add_argument("--z3", action="store_true", help="also re-run Z3 on algebraic rules")
     rv.add_argument("-q", "--quiet", action="store_true")
     rv.set_defaults(func=_cmd_rules_verify)
+    rc = rsub.add_parser("compile", help="parse and verify .rules text files into a JSON library "
+                                         "(default: substitutions/*.rules -> substitutions/handwritten.json)")
+    rc.add_argument("files", nargs="*", help=".rules files (default: the shipped ones)")
+    rc.add_argument("-o", "--output", help="the JSON library to write (default: substitutions/handwritten.json)")
+    rc.add_argument("--check", action="store_true", help="only say whether the output is up to date (exit 1 if not)")
+    rc.set_defaults(func=_cmd_rules_compile)
 
     op = sub.add_parser("optimize", help="optimize a model and report what changed")
     op.add_argument("model", help="built-in example (gpt2, llama), path/to/file.py:factory "
@@ -350,8 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0)")
     op.add_argument("--budget", type=int, default=100, help="most graphs the search expands")
     op.add_argument("--time-limit", type=float, default=10.0, help="search seconds per graph")
-    op.add_argument("--rules", action="append", metavar="LIBRARY",
-                    help="rule library (repeatable; default: the shipped default + handwritten)")
+    op.add_argument("--rules", action="append", metavar="FILE",
+                    help="a rule file (.rules text, verified when loaded, or a .json library) to use "
+                         "besides the shipped rules; its rulesets join the search unless a phase names them "
+                         "(repeatable)")
+    op.add_argument("--ruleset", action="append", metavar="NAME",
+                    help="run only these rulesets (repeatable; shipped: canonical, attention, fusion, generated)")
     op.add_argument("--no-verify", action="store_true", help="skip the comparison with the original")
     op.add_argument("--runs", type=int, default=5, help="timed runs for the latency medians")
     op.add_argument("--seed", type=int, default=0)

@@ -1,224 +1,24 @@
-"""``graphopt.optimize`` and the ``"graphopt"`` torch.compile backend.
+"""``graphopt.optimize`` and the ``"graphopt"`` torch.compile backend: the torch frontend
+of the pipeline (:mod:`graphopt.pipeline`).
 
-Per captured graph (Dynamo hands one per graph break): import it into the IR
-(unknown ops stay opaque), run the cost-guided search with the rule
-libraries, fold constant-only subgraphs (e.g. a concatenated weight after a
-merge), write the result back as a GraphModule and, with ``verify`` (the
-default), compare it with the original on the example inputs and on fresh
-random inputs of the same shapes.  On any mismatch or error the original graph
-is used and the report says why: the optimizer never returns a module that
-computes something else.
+Per captured graph (Dynamo hands one per graph break) the pipeline imports it into the
+IR (unknown ops stay opaque), runs the schedule's rulesets (canonicalise, fuse, search),
+folds constant-only subgraphs (e.g. a concatenated weight after a merge), writes the
+result back as a GraphModule and, with ``verify`` (the default), compares it with the
+original on the example inputs and on fresh random inputs of the same shapes.  On any
+mismatch or error the original graph is used and the report says why: the optimizer
+never returns a module that computes something else.  This module adds what only torch
+has: the example inputs Dynamo passes, module buffers behind a guard, and the capture.
 """
 from __future__ import annotations
 
 import time
-import traceback
-from collections import Counter
-from dataclasses import dataclass, field
 
 import torch
 
 from .errors import GraphoptError
-from .verify import TOLERANCES
-
-
-@dataclass
-class Options:
-    rules: tuple = ("default", "handwritten")   # library paths, or the names of shipped ones
-    cost_model: str = "roofline"
-    device: str | None = None                   # cost-model device; default: where the inputs live
-    alpha: float = 1.05
-    budget: int = 100
-    time_limit: float = 10.0
-    verify: bool = True
-    verify_trials: int = 2
-    inductor: bool = False                      # hand the result on to inductor
-    seed: int = 0
-
-    @staticmethod
-    def of(options) -> "Options":
-        if isinstance(options, Options):
-            return options
-        opts = Options()
-        for k, v in dict(options or {}).items():
-            if not hasattr(opts, k):
-                raise GraphoptError(f"unknown graphopt option {k!r} (known: {', '.join(opts.__dataclass_fields__)})")
-            setattr(opts, k, v)
-        if opts.alpha < 1.0:
-            raise GraphoptError(f"alpha must be >= 1.0, got {opts.alpha}")
-        if opts.budget < 0 or opts.time_limit < 0:
-            raise GraphoptError("budget and time_limit must be >= 0")
-        return opts
-
-
-@dataclass
-class GraphReport:
-    nodes: int = 0
-    ops: int = 0
-    opaque: int = 0
-    cost_before: float = 0.0
-    cost_after: float = 0.0
-    applied: Counter = field(default_factory=Counter)
-    rewrites: dict = field(default_factory=dict)   # pattern id -> "lhs  ->  rhs"
-    search_seconds: float = 0.0
-    folded: int = 0
-    max_abs_diff: float = 0.0
-    fallback: str | None = None
-    attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
-    notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
-
-
-def _attention_blocks(imp) -> int:
-    """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
-    from .ir import OPAQUE
-    from .ops import get_op
-    from .ir import node_ref
-    targets = {t for form in get_op("softmax").fx for t in form.targets}
-    used = {r for node in imp.graph.nodes for r in node.inputs} | set(imp.graph.outputs)
-    n = 0
-    for idx, node in enumerate(imp.graph.nodes):
-        if node.op == "softmax":
-            n += 1
-        elif node.op == OPAQUE and node_ref(idx, 0, len(node.outs)) in used:  # (an fp32 upcast whose
-            # cast back became a softmax of its own is not used any more)
-            fx_node = imp.graph.payloads[idx].node
-            target = f"method:{fx_node.target}" if fx_node.op == "call_method" else fx_node.target
-            try:
-                n += target in targets
-            except TypeError:
-                pass
-    return n
-
-
-def _fused_attention(mg) -> Counter:
-    out = Counter()
-    for n in mg.nodes.values():
-        if n.op in ("sdpa", "sdpa_masked"):
-            attrs = dict(n.attrs)
-            out["fused"] += 1
-            out["causal"] += bool(attrs.get("is_causal"))
-            out["masked"] += n.op == "sdpa_masked"
-            out["gqa"] += bool(attrs.get("enable_gqa"))
-    return out
-
-
-@dataclass
-class Report:
-    """What graphopt did: per captured graph, and in total."""
-
-    graphs: list = field(default_factory=list)
-    total_seconds: float = 0.0   # capture + search + verification, for optimize()
-
-    @property
-    def notes(self) -> list:
-        return [n for g in self.graphs for n in g.notes]
-
-    @property
-    def applied(self) -> Counter:
-        total = Counter()
-        for g in self.graphs:
-            if not g.fallback:
-                total.update(g.applied)
-        return total
-
-    @property
-    def rewrites(self) -> dict:
-        out = {}
-        for g in self.graphs:
-            out.update(g.rewrites)
-        return out
-
-    @property
-    def cost_before(self) -> float:
-        return sum(g.cost_before for g in self.graphs)
-
-    @property
-    def cost_after(self) -> float:
-        return sum(g.cost_before if g.fallback else g.cost_after for g in self.graphs)
-
-    @property
-    def search_seconds(self) -> float:
-        return sum(g.search_seconds for g in self.graphs)
-
-    @property
-    def fallbacks(self) -> list:
-        return [g.fallback for g in self.graphs if g.fallback]
-
-    @property
-    def max_abs_diff(self) -> float:
-        return max((g.max_abs_diff for g in self.graphs), default=0.0)
-
-    @property
-    def attention(self) -> dict:
-        total = Counter()
-        for g in self.graphs:
-            total["blocks"] += g.attention["blocks"]
-            if not g.fallback:
-                total.update({k: v for k, v in g.attention.items() if k != "blocks"})
-        return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa")}
-
-    def to_json(self) -> dict:
-        return {
-            "graphs": len(self.graphs),
-            "ops": sum(g.ops for g in self.graphs),
-            "opaque": sum(g.opaque for g in self.graphs),
-            "rules_applied": dict(sorted(self.applied.items())),
-            "rewrites": {k: self.rewrites.get(k, "") for k in sorted(self.applied)},
-            "cost_before_s": self.cost_before,
-            "cost_after_s": self.cost_after,
-            "search_seconds": round(self.search_seconds, 3),
-            "folded_constants": sum(g.folded for g in self.graphs),
-            "max_abs_diff": self.max_abs_diff,
-            "attention": self.attention,
-            "notes": self.notes,
-            "fallbacks": self.fallbacks,
-        }
-
-    def __str__(self) -> str:
-        return format_report(self.to_json())
-
-
-def format_report(j: dict, title: str | None = None) -> str:
-    """The report as text, from its JSON form (:meth:`Report.to_json`; an ONNX model's
-    stored report has the same form)."""
-    head = title or f"{j['graphs']} graph(s)"
-    lines = [f"graphopt: {head}, {j['ops']} ops modelled, {j['opaque']} opaque",
-             f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
-             f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
-    if j["rules_applied"]:
-        lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
-        for k, v in j["rules_applied"].items():
-            lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
-    else:
-        lines.append("  rules applied  none")
-    a = j["attention"]
-    if a["blocks"] or a["fused"]:
-        lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
-                     f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
-    lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
-    for n in j["notes"]:
-        lines.append(f"  note           {n}")
-    for f in j["fallbacks"]:
-        lines.append(f"  FALLBACK       {f}")
-    return "\n".join(lines)
-
-_PATTERN_CACHE: dict = {}
-
-
-def _patterns(rule_sources) -> list:
-    from .rules import DEFAULT_LIBRARY, load_rules
-    from .search import compile_patterns
-    key = tuple(str(s) for s in rule_sources)
-    if key not in _PATTERN_CACHE:
-        rules = []
-        for src in rule_sources:
-            if hasattr(src, "rules"):
-                rules.extend(src.rules)
-                continue
-            path = DEFAULT_LIBRARY.parent / f"{src}.json" if src in ("default", "handwritten") else src
-            rules.extend(load_rules(path, check_ids=False).rules)
-        _PATTERN_CACHE[key] = compile_patterns(rules)
-    return _PATTERN_CACHE[key]
+from .options import Options
+from .report import GraphReport, Report, format_report  # noqa: F401  (re-exported)
 
 
 def _cost_model(opts: Options, example_inputs):
@@ -262,59 +62,70 @@ class Backend:
         return BufferGuard(run, original, gm, example_inputs)
 
 
+class FxFrontend:
+    """The pipeline's view of one captured GraphModule (see :mod:`graphopt.pipeline`)."""
+
+    what = "graph"
+
+    def __init__(self, gm, example_inputs, opts: Options):
+        self.original, self.example_inputs, self.opts = gm, list(example_inputs), opts
+
+    def import_graph(self):
+        from .frontends.fx import import_fx
+        return import_fx(self.original, self.example_inputs,
+                         constant_inputs=_parameters(self.original, self.example_inputs))
+
+    def attention_blocks(self, imp) -> int:
+        return _attention_blocks(imp)
+
+    def adjust(self, imp, plan, rep):
+        return plan
+
+    def export(self, imp, graph):
+        from .backends.fx import export_fx
+        return export_fx(imp, graph)
+
+    def trials(self) -> list:
+        return _trials(self.original, self.example_inputs, self.opts)
+
+    def run(self, module, inputs) -> list:
+        """One call on copies of the inputs (a graph may update them in place: a KV cache,
+        a position counter), with the module state it writes put back afterwards."""
+        from .frontends.fx import fetch_attr, mutated_roots
+        state = [fetch_attr(self.original, n.target) for n in mutated_roots(self.original) if n.op == "get_attr"]
+        saved = [t.clone() for t in state]
+        try:
+            with torch.no_grad():
+                return _flatten(module(*_copies(inputs)))
+        finally:
+            _restore(state, saved)
+
+
 def optimize_graph_module(gm, example_inputs, opts: Options):
     """Optimise one captured GraphModule; returns (module to run, GraphReport)."""
-    from .backends.fx import export_fx
-    from .frontends.fx import import_fx
-    rep = GraphReport()
-    try:
-        imp = import_fx(gm, example_inputs, constant_inputs=_parameters(gm, example_inputs))
-        rep.nodes = len(imp.graph.nodes)
-        rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
-        rep.attention["blocks"] = _attention_blocks(imp)
-        cost_model = _cost_model(opts, example_inputs)
-        result = search_and_fold(imp.graph, _patterns(opts.rules), cost_model, opts, rep)
-        if result is None:
-            return gm, rep
-        new_gm = export_fx(imp, result)
-    except Exception as e:  # never crash the user's model: keep the original graph
-        rep.fallback = f"optimisation failed ({type(e).__name__}: {e}); original graph kept"
-        rep.cost_after = rep.cost_before
-        if not isinstance(e, GraphoptError):
-            rep.fallback += " [" + traceback.format_exc(limit=1).strip().splitlines()[-1] + "]"
-        return gm, rep
-    if opts.verify:
-        ok, diff, why = _verify(gm, new_gm, example_inputs, opts)
-        rep.max_abs_diff = diff
-        if not ok:
-            rep.fallback = f"verification failed: {why}; original graph kept"
-            return gm, rep
-    return new_gm, rep
+    from .pipeline import optimize_with
+    return optimize_with(FxFrontend(gm, example_inputs, opts), opts, _cost_model(opts, example_inputs))
 
 
-def search_and_fold(graph, patterns, cost_model, opts: Options, rep: GraphReport):
-    """The part every frontend shares: search, then fold constant subgraphs.
-
-    Fills in ``rep`` (costs, rules applied, folded constants, fused attention).
-    Returns:
-        the optimised IR graph, or None when no rule applied.
-    """
-    from .rewrite import MGraph, fold_constants, to_graph
-    from .search import GraphCost, search
-    mg, _ = MGraph.from_graph(graph)
-    mg.remove_dead()  # e.g. the fp32 softmax whose cast back became one softmax
-    res = search(mg, patterns, cost_model, alpha=opts.alpha, budget=opts.budget, time_limit=opts.time_limit)
-    rep.cost_before, rep.cost_after = res.initial_cost, res.cost
-    rep.applied, rep.search_seconds = res.applied, res.seconds
-    by_id = {p.rule_id: p for p in patterns}
-    rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in res.applied}
-    if not res.applied:
-        return None
-    folded_graph, folded = fold_constants(res.graph, graph.constants)
-    rep.folded = len(folded)
-    rep.attention.update(_fused_attention(folded_graph))
-    rep.cost_after = GraphCost(cost_model)(folded_graph)
-    return to_graph(folded_graph, graph, folded)
+def _attention_blocks(imp) -> int:
+    """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
+    from .ir import OPAQUE, node_ref
+    from .ops import get_op
+    targets = set(get_op("softmax").fx[0].targets)  # the plain spellings (not the cast-back form)
+    used = {r for node in imp.graph.nodes for r in node.inputs} | set(imp.graph.outputs)
+    n = 0
+    for idx, node in enumerate(imp.graph.nodes):
+        if node.op == "softmax":
+            n += 1
+        elif node.op == OPAQUE and node_ref(idx, 0, len(node.outs)) in used:  # (an fp32 upcast whose
+            # cast back became a softmax of its own is not used any more)
+            fx_node = imp.graph.payloads[idx].node
+            target = f"method:{fx_node.target}" if fx_node.op == "call_method" else fx_node.target
+            try:
+                n += target in targets
+            except TypeError:
+                pass
+    return n
 
 
 def _parameters(gm, example_inputs) -> dict:
@@ -359,8 +170,9 @@ class BufferGuard:
         return self.fast(*args)
 
 
-def _verify(original, optimized, example_inputs, opts: Options):
-    """Compare on the example inputs and on fresh random float inputs of the same shapes."""
+def _trials(original, example_inputs, opts: Options) -> list:
+    """The example inputs, then fresh random ones of the same shapes (weights and buffers
+    kept; integer inputs such as token ids drawn within the range seen)."""
     gen = torch.Generator().manual_seed(opts.seed)
     example_inputs = [_hint(x) for x in example_inputs]
     trials = [list(example_inputs)]
@@ -374,50 +186,12 @@ def _verify(original, optimized, example_inputs, opts: Options):
                 r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
                 fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0))
             elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-                # e.g. token ids: fresh values within the range seen (valid indices)
                 lo, hi = int(t.min()), int(t.max()) + 1
                 fresh.append(torch.randint(lo, hi, t.shape, generator=gen, dtype=t.dtype).to(t.device))
             else:
                 fresh.append(t)
         trials.append(fresh)
-    worst = 0.0
-    # module state the graph writes to (a static KV cache): put back after every trial run
-    from .frontends.fx import fetch_attr, mutated_roots
-    state = [fetch_attr(original, n.target) for n in mutated_roots(original) if n.op == "get_attr"]
-    saved = [t.clone() for t in state]
-    with torch.no_grad():
-        for args in trials:
-            try:  # on copies: a graph may update its inputs in place (a KV cache, a position counter)
-                a = original(*_copies(args))
-                _restore(state, saved)
-                b = optimized(*_copies(args))
-                _restore(state, saved)
-            except Exception as e:
-                return False, float("inf"), f"the optimised graph raised {type(e).__name__}: {e}"
-            fa, fb = _flatten(a), _flatten(b)
-            if len(fa) != len(fb):
-                return False, float("inf"), "different number of outputs"
-            for x, y in zip(fa, fb):
-                if not isinstance(x, torch.Tensor):
-                    if x != y:
-                        return False, float("inf"), "a non-tensor output differs"
-                    continue
-                if x.shape != y.shape or x.dtype != y.dtype:
-                    return False, float("inf"), f"output type {tuple(y.shape)} {y.dtype} != {tuple(x.shape)} {x.dtype}"
-                if not x.is_floating_point():
-                    if not torch.equal(x, y):
-                        return False, float("inf"), "an integer output differs"
-                    continue
-                diff = (x.double() - y.double()).abs()
-                d = float(diff.max()) if diff.numel() else 0.0
-                worst = max(worst, d)
-                rtol, atol = TOLERANCES.get(str(x.dtype).replace("torch.", ""), TOLERANCES["float32"])
-                scale = max(1.0, float(x.double().abs().max()) if x.numel() else 0.0)
-                if not torch.isfinite(y).all() and torch.isfinite(x).all():
-                    return False, worst, "non-finite values appeared"
-                if d > atol * scale + rtol * scale:
-                    return False, worst, f"max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
-    return True, worst, None
+    return trials
 
 
 def _hint(x):
@@ -495,6 +269,8 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
     backend = Backend(options)
+    from .schedule import planned
+    planned(backend.options)  # load (and verify) the rules now: a bad rule file is an error, not a fallback
     start = time.monotonic()
     if capture == "export":
         try:

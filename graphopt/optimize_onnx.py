@@ -1,26 +1,25 @@
-"""``graphopt.optimize_onnx``: the same search, rules and cost models on an ONNX model.
+"""``graphopt.optimize_onnx``: the ONNX frontend of the pipeline (:mod:`graphopt.pipeline`),
+with the same rulesets, schedule and cost models as for torch.
 
-Import (``frontends/onnx``), search, fold constants, write back
-(``backends/onnx``), check with ``onnx.checker`` (full check), and run the
-optimised model against the original in onnxruntime on random inputs of the
-declared shapes.  On any error or mismatch the original model is returned and
-the report says why.  Fused attention is written as the standard ONNX
-``Attention`` operator, which needs opset 23: below that, attention rules are
-not used and the report says so.
+Import (``frontends/onnx``), the pipeline's stages, write back (``backends/onnx``), check
+with ``onnx.checker`` (full check), and run the optimised model against the original in
+onnxruntime on random inputs of the declared shapes.  On any error or mismatch the
+original model is returned and the report says why.  Fused attention is written as the
+standard ONNX ``Attention`` operator, which needs opset 23: below that, the attention
+ruleset is not in the schedule and the report says so.
 """
 from __future__ import annotations
 
 import json
 import time
-import traceback
 
 import numpy as np
 
 from .errors import GraphoptError
-from .optimize import GraphReport, Options, Report, _patterns, search_and_fold
+from .options import Options
+from .report import Report
 
 REPORT_KEY = "graphopt.report"
-_ATTENTION_OPS = ("sdpa", "sdpa_masked")
 
 
 def optimize_onnx(model, opset: int | None = None, **options):
@@ -40,7 +39,9 @@ def optimize_onnx(model, opset: int | None = None, **options):
         data, or an unsupported opset.
     """
     from .frontends.onnx import convert_opset, load_model
+    from .schedule import planned
     opts = Options.of(options)
+    planned(opts)  # load (and verify) the rules first: a bad rule file is an error, not a fallback
     start = time.monotonic()
     original = load_model(model)
     if original is model:  # never modify the caller's model (the report goes into metadata)
@@ -70,43 +71,58 @@ def _attach(model, report: Report) -> None:
     entry.key, entry.value = REPORT_KEY, json.dumps(report.to_json())
 
 
-def _optimize(original, opts: Options):
-    import onnx
+class OnnxFrontend:
+    """The pipeline's view of an ONNX model (see :mod:`graphopt.pipeline`)."""
 
-    from .backends.onnx import export_onnx
-    from .frontends.onnx import import_onnx
+    what = "model"
 
-    rep = GraphReport()
-    try:
-        imp = import_onnx(original)
-        rep.nodes, rep.ops, rep.opaque = len(imp.graph.nodes), imp.counts["ops"], imp.counts["opaque"]
-        rep.attention["blocks"] = sum(1 for n in imp.model.graph.node if n.op_type == "Softmax")
-        patterns = _patterns(opts.rules)
-        if imp.opset < 23:
-            patterns = [p for p in patterns if not any(n.op in _ATTENTION_OPS for n in p.rhs.nodes)]
-            if rep.attention["blocks"]:
-                rep.notes.append(f"attention not fused: the model's opset is {imp.opset}; ONNX's Attention "
-                                 f"operator needs opset 23 (pass --opset 23 to convert)")
-        from cost_models import get_cost_model
-        cost_model = get_cost_model(opts.cost_model, device=opts.device or "cpu")
-        graph = search_and_fold(imp.graph, patterns, cost_model, opts, rep)
-        if graph is None:
-            return original, rep
+    def __init__(self, model, opts: Options):
+        self.original, self.opts = model, opts
+        self._sessions: dict = {}
+
+    def import_graph(self):
+        from .frontends.onnx import import_onnx
+        return import_onnx(self.original)
+
+    def attention_blocks(self, imp) -> int:
+        return sum(1 for n in imp.model.graph.node if n.op_type == "Softmax")
+
+    def adjust(self, imp, plan, rep):
+        """Fused attention is written as ONNX's ``Attention``, which needs opset 23: below
+        that, the attention ruleset is not in the schedule."""
+        from .schedule import without_ruleset
+        if imp.opset >= 23:
+            return plan
+        if rep.attention["blocks"]:
+            rep.notes.append(f"attention not fused: the model's opset is {imp.opset}; ONNX's Attention "
+                             f"operator needs opset 23 (pass --opset 23 to convert)")
+        return without_ruleset(plan, "attention")
+
+    def export(self, imp, graph):
+        import onnx
+        from .backends.onnx import export_onnx
         result = export_onnx(imp, graph)
         onnx.checker.check_model(result, full_check=True)
-    except Exception as e:  # noqa: BLE001  never hand back a broken model: keep the original
-        rep.fallback = f"optimisation failed ({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}); original model kept"
-        if not isinstance(e, GraphoptError):
-            rep.fallback += " [" + traceback.format_exc(limit=1).strip().splitlines()[-1] + "]"
-        rep.cost_after = rep.cost_before
-        return original, rep
-    if opts.verify:
-        ok, diff, why = verify_onnx(original, result, opts)
-        rep.max_abs_diff = diff
-        if not ok:
-            rep.fallback = f"verification failed: {why}; original model kept"
-            return original, rep
-    return result, rep
+        return result
+
+    def trials(self) -> list:
+        return [random_inputs(self.original, seed=self.opts.seed + t) for t in range(1 + self.opts.verify_trials)]
+
+    def run(self, model, feeds) -> list:
+        key = id(model)
+        if key not in self._sessions:
+            try:
+                self._sessions[key] = (model, session(model))
+            except ImportError:
+                raise GraphoptError("onnxruntime is not installed (pip install onnxruntime)") from None
+        return list(self._sessions[key][1].run(None, feeds))
+
+
+def _optimize(original, opts: Options):
+    from cost_models import get_cost_model
+    from .pipeline import optimize_with
+    cost_model = get_cost_model(opts.cost_model, device=opts.device or "cpu")
+    return optimize_with(OnnxFrontend(original, opts), opts, cost_model)
 
 
 _NUMPY = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32, 9: np.bool_}
@@ -144,35 +160,15 @@ def session(model):
 
 def verify_onnx(original, optimized, opts: Options):
     """Run both in onnxruntime on random inputs; (ok, max |diff|, why)."""
-    from .verify import TOLERANCES
+    from .pipeline import verify_against
+    frontend = OnnxFrontend(original, opts)
     try:
-        a_sess, b_sess = session(original), session(optimized)
-    except ImportError:
-        return False, float("inf"), "onnxruntime is not installed (pip install onnxruntime)"
+        frontend.run(optimized, frontend.trials()[0])
+    except GraphoptError as e:
+        return False, float("inf"), str(e)
     except Exception as e:  # noqa: BLE001
-        return False, float("inf"), f"onnxruntime cannot load the optimised model ({str(e).strip().splitlines()[0]})"
-    worst = 0.0
-    for trial in range(1 + opts.verify_trials):
-        feeds = random_inputs(original, seed=opts.seed + trial)
-        try:
-            a, b = a_sess.run(None, feeds), b_sess.run(None, feeds)
-        except Exception as e:  # noqa: BLE001
-            return False, float("inf"), f"onnxruntime failed: {str(e).strip().splitlines()[0]}"
-        for x, y in zip(a, b):
-            x, y = np.asarray(x), np.asarray(y)
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return False, float("inf"), f"output type {y.shape} {y.dtype} != {x.shape} {x.dtype}"
-            if not np.issubdtype(x.dtype, np.floating):
-                if not np.array_equal(x, y):
-                    return False, float("inf"), "an integer output differs"
-                continue
-            d = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)), initial=0.0))
-            worst = max(worst, d)
-            rtol, atol = TOLERANCES.get(x.dtype.name, TOLERANCES["float32"])
-            scale = max(1.0, float(np.max(np.abs(x), initial=0.0)))
-            if not np.isfinite(d) or d > (atol + rtol) * scale:
-                return False, worst, f"max |diff| {d:.3g} exceeds the {x.dtype.name} tolerance"
-    return True, worst, None
+        return False, float("inf"), f"onnxruntime cannot run the optimised model ({str(e).strip().splitlines()[0]})"
+    return verify_against(frontend, optimized)
 
 
 __all__ = ["optimize_onnx", "onnx_report", "verify_onnx", "random_inputs"]

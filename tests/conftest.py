@@ -4,8 +4,12 @@ import sys
 
 import pytest
 
+import graphopt.pipeline
 from graphopt.generate import GenerateSettings, generate
 from graphopt.rules import DEFAULT_LIBRARY, load_rules
+
+# every optimisation in the test suite checks the IR after every stage (graphopt.lint)
+graphopt.pipeline.LINT_EVERY_STAGE = True
 
 
 @pytest.fixture(scope="session")

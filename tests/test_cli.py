@@ -123,6 +123,22 @@ def wrong():
 
 def broken():
     raise RuntimeError("boom")
+
+
+class ReluSplit(torch.nn.Module):
+    def forward(self, x):
+        y = x @ x.transpose(0, 1)
+        return torch.relu(y) + -torch.relu(-y)
+
+def relu_split():
+    return ReluSplit(), (torch.randn(16, 16),)
+'''
+
+USER_RULES = '''# a user's rule file
+rule relu-split:
+    inputs X:(a,b)
+    add(relu(X), neg(relu(neg(X))))  ==  X
+    reason "x = relu(x) - relu(-x)"
 '''
 
 
@@ -151,7 +167,54 @@ def test_optimize_text_report(cli, tmp_path):
         assert needle in proc.stdout
 
 
+def test_optimize_with_a_user_rule_file(cli, tmp_path):
+    """--rules FILE: the user's text rules are verified when loaded and applied (besides the
+    shipped ones); rules list/verify read the same file."""
+    src, rules = tmp_path / "models.py", tmp_path / "my.rules"
+    src.write_text(FACTORY)
+    rules.write_text(USER_RULES)
+    listing = cli("rules", "list", str(rules))
+    assert listing.returncode == 0 and "[relu-split]" in listing.stdout, listing.stderr
+    rule_id = listing.stdout.split()[0]
+    assert cli("rules", "verify", str(rules)).returncode == 0
+    proc = cli("optimize", f"{src}:relu_split", "--rules", str(rules), "--json", "--runs", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["rules_applied"].get(rule_id + "+") == 1, report["rules_applied"]
+    assert "my" in report["phases"]["search"]["rulesets"]  # a ruleset no phase names joins the search
+    assert report["fallbacks"] == [] and report["max_abs_diff_outputs"] < 1e-4
+    plain = json.loads(cli("optimize", f"{src}:relu_split", "--json", "--runs", "1", timeout=600).stdout)
+    assert rule_id + "+" not in plain["rules_applied"]
+
+
+@pytest.mark.parametrize("text, needles", [
+    ("rule r:\n    inputs X:(a,b)\n    sofmax(X)  ==  X\n", ["my.rules:3:5:", "unknown op 'sofmax'"]),
+    ("rule r:\n    inputs X:(a,b)\n    relu(X)  ==  X\n", ["my.rules:1:6:", "does not hold", "differs"]),
+    ("rule r:\n    inputs X:(a,b)\n    relu(relu(X)  ==  X\n", ["my.rules:3:"]),
+])
+def test_a_bad_user_rule_file_is_a_one_line_error(cli, tmp_path, text, needles):
+    src, rules = tmp_path / "models.py", tmp_path / "my.rules"
+    src.write_text(FACTORY)
+    rules.write_text(text)
+    _one_line_error(cli("optimize", f"{src}:relu_split", "--rules", str(rules), timeout=600), *needles)
+    _one_line_error(cli("rules", "list", str(rules)), *needles)
+
+
+def test_rules_compile_check_and_output(cli, tmp_path):
+    assert cli("rules", "compile", "--check").returncode == 0
+    out = tmp_path / "mine.json"
+    rules = tmp_path / "my.rules"
+    rules.write_text(USER_RULES)
+    proc = cli("rules", "compile", str(rules), "-o", str(out))
+    assert proc.returncode == 0 and "wrote 1 verified rules (my)" in proc.stdout, proc.stderr
+    assert load_rules(out)["relu-split"].provenance["ruleset"] == "my"
+    rules.write_text(USER_RULES + "# edited since\n")
+    assert cli("rules", "compile", str(rules), "-o", str(out), "--check").returncode == 1
+
+
 @pytest.mark.parametrize("args, needles", [
+    (("optimize", "gpt2", "--rules", "nothere.rules"), ["nothere.rules: no such rule file"]),
+    (("optimize", "gpt2", "--ruleset", "nope"), ["unknown ruleset(s) 'nope'"]),
     (("optimize", "bert"), ["unknown model 'bert'"]),
     (("optimize", "missing.py:make"), ["no such file"]),
     (("optimize", "{src}:nothere"), ["no function 'nothere'"]),

@@ -75,6 +75,9 @@ HAND_INSTANCES = {
         ([(2, "a", "b")], {"heads": 4}),
         ([(3, "a", "b")], {"heads": 3}),
     ],
+    "alias": [([("a", "b")], {}), ([()], {})],
+    "linear": [([("a", "b"), ("c", "b")], {}), ([(2, "a", "b"), ("c", "b")], {})],
+    "permute": [([(2, 3, 4)], {"perm": (1, 2, 0)}), ([(2, "a", "b", 3)], {"perm": (0, 2, 3, 1)})],
 }
 
 
@@ -178,6 +181,27 @@ def test_opdef_check_catches_missing_field(override, field):
 def test_register_refuses_a_second_definition():
     with pytest.raises(RegistryError, match="registered twice"):
         register(_good_opdef(name="matmul"))
+
+
+@pytest.mark.parametrize("name", [n for n in OP_NAMES if REGISTRY[n].expand is not None])
+def test_expansion_computes_the_op(name):
+    """An op defined as other ops (``OpDef.expand``) computes what its expansion computes."""
+    from graphopt.ir import Graph
+    op = REGISTRY[name]
+    rng = np.random.default_rng(0)
+    for shapes, full, _ in instances(name):
+        concrete_shapes = [evaluate_shape(s, BINDING) for s in shapes]
+        xs = [rng.uniform(-1, 1, size=s) for s in concrete_shapes]
+        want = op.ref(xs, concrete(full))
+        g = Graph()
+        refs = [g.add_input(f"x{k}", s, "float64") for k, s in enumerate(concrete_shapes)]
+        out = []
+        for step_op, args, attrs in op.expand(concrete_shapes, concrete(full)):
+            ins = [out[a[1]] if isinstance(a, tuple) else refs[a] for a in args]
+            out.append(g.add(step_op, *ins, **attrs))
+        g.outputs = [out[-1]]
+        got = g.evaluate({f"x{k}": x for k, x in enumerate(xs)})
+        np.testing.assert_allclose(got[0], want[0], rtol=1e-12)
 
 
 def test_enumerated_ops_are_derived_from_the_registry():

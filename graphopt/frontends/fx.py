@@ -72,17 +72,28 @@ def _tensor_type(value):
 
 
 def _spellings() -> dict:
+    """call target -> [(op name, parse), ...], the highest ``priority`` first (then registry order)."""
     table: dict = {}
     for op in REGISTRY.values():
         for form in op.fx:
             for target in form.targets:
-                table.setdefault(target, []).append((op.name, form.parse))
-    return table
+                table.setdefault(target, []).append((-form.priority, len(table.get(target, ())), op.name, form.parse))
+    return {t: [(name, parse) for _, _, name, parse in sorted(forms, key=lambda f: f[:2])]
+            for t, forms in table.items()}
 
 
 class _Ctx:
-    def __init__(self, imp: FxImport, out_shapes):
-        self.imp, self.out_shapes = imp, out_shapes
+    def __init__(self, imp: FxImport, out_shapes, node=None):
+        self.imp, self.out_shapes, self.node = imp, out_shapes, node
+
+    def node_value(self):
+        """The fake tensor (or value) of the call being imported."""
+        return _meta_value(self.node) if self.node is not None else None
+
+    def written_in_place(self, a) -> bool:
+        """Whether ``a`` or the call's result is written in place by a later call."""
+        users = (*(self.node.users if self.node is not None else ()), *(a.users if isinstance(a, fx.Node) else ()))
+        return any(_mutates(u) for u in users)
 
     def is_tensor(self, a) -> bool:
         return isinstance(a, fx.Node) and a in self.imp.ref_of
@@ -162,8 +173,6 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
             g.outputs = [imp.ref_of[a] for a in args]
         elif node.op == "call_function" and node.target is operator.getitem and _getitem(imp, node):
             pass
-        elif node.op in ("call_function", "call_method") and _composite(imp, node, names):
-            imp.counts["ops"] += 1
         elif node.op in ("call_function", "call_method") and _registry_op(imp, node, spell, names):
             imp.counts["ops"] += 1
         else:
@@ -375,7 +384,7 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
     types = [_tensor_type(v) for v in outs]
     if not outs or any(t is None for t in types):
         return False
-    ctx = _Ctx(imp, [t[0] for t in types])
+    ctx = _Ctx(imp, [t[0] for t in types], node)
     for op_name, parse in candidates:
         parsed = parse(node.args, dict(node.kwargs), ctx)
         if parsed is None:
@@ -410,44 +419,6 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
                 imp.ref_of[node] = out_refs[0]
             return True
     return False
-
-
-def _composite(imp: FxImport, node, names) -> bool:
-    """A call that is several registry ops, or none (see ``ops.composites``)."""
-    from ..ops.composites import ALIAS, COMPOSITES
-    target = f"method:{node.target}" if node.op == "call_method" else node.target
-    try:
-        fn = COMPOSITES.get(target)
-    except TypeError:
-        return False
-    types = [_tensor_type(_meta_value(node))]
-    if fn is None or types[0] is None:
-        return False
-    steps = fn(node.args, dict(node.kwargs), _Ctx(imp, [types[0][0]]))
-    if not steps:
-        return False
-    if steps[0] == ALIAS:  # the call returns its input's value: no op at all
-        src = steps[1]
-        if src not in imp.ref_of or _tensor_type(_meta_value(src)) != types[0] \
-                or _meta_value(src).device != _meta_value(node).device \
-                or any(_mutates(u) for u in (*node.users, *src.users)):
-            return False
-        imp.ref_of[node] = imp.ref_of[src]
-        return True
-    g, mark, refs = imp.graph, len(imp.graph.nodes), []
-    try:
-        for op, inputs, attrs in steps:
-            args = [refs[a[1]] if isinstance(a, tuple) else imp.ref_of[a] for a in inputs]
-            refs.append(g.add(op, *args, **attrs))
-    except GraphoptError:
-        del g.nodes[mark:]
-        return False
-    got = g.type_of(refs[-1])
-    if (tuple(d.const for d in got[0]), got[1]) != tuple(types[0]):
-        del g.nodes[mark:]
-        return False
-    imp.ref_of[node] = refs[-1]
-    return True
 
 
 def _opaque(imp: FxImport, node):

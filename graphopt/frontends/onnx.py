@@ -7,10 +7,10 @@ control flow with subgraphs included, is an *opaque* node that keeps its
 NodeProto and is written back unchanged.  Tensors whose shapes are not static
 flow only through opaque nodes.
 
-Canonicalisations on the way in: a ``Transpose`` that moves more than two axes
-becomes a chain of two-axis swaps (so ``perm=[0, 2, 3, 1]``, which is "heads
-first, then K^T", shows the ``transpose(K)`` the attention rules look for);
-``Identity``, ``Dropout`` at inference and casts to the same type are aliases.
+The importer only spells operators: a ``Transpose`` of more than two axes is the
+registry's ``permute``, ``Identity``, ``Dropout`` at inference and a cast to the same
+type are its ``alias``; the pipeline's canonical forms (``graphopt.ops.forms`` and the
+``canonical`` ruleset) do the rest, the same as for torch.
 """
 from __future__ import annotations
 
@@ -158,41 +158,6 @@ def _types(model) -> dict:
     return out
 
 
-def normalise_transposes(model):
-    """Split each Transpose that moves more than two axes into two-axis swaps (in place)."""
-    import onnx
-    g = model.graph
-    new_nodes, k = [], 0
-    for n in g.node:
-        perm = next((list(onnx.helper.get_attribute_value(a)) for a in n.attribute if a.name == "perm"), None)
-        if n.op_type != "Transpose" or n.domain not in ("", "ai.onnx") or perm is None:
-            new_nodes.append(n)
-            continue
-        swaps, cur = [], list(range(len(perm)))
-        for i in range(len(perm)):  # front to back: the last swap is the innermost axes'
-            j = cur.index(perm[i])
-            if j != i:
-                cur[i], cur[j] = cur[j], cur[i]
-                swaps.append((i, j))
-        if len(swaps) <= 1:
-            new_nodes.append(n)
-            continue
-        src = n.input[0]
-        for s, (i, j) in enumerate(swaps):
-            p = list(range(len(perm)))
-            p[i], p[j] = p[j], p[i]
-            out = n.output[0] if s == len(swaps) - 1 else f"{n.output[0]}__swap{k}"
-            k += 1
-            new_nodes.append(onnx.helper.make_node("Transpose", [src], [out], perm=p))
-            src = out
-    del g.node[:]
-    g.node.extend(new_nodes)
-    return model
-
-
-_ALIASES = ("Identity", "Dropout", "Cast")
-
-
 def _outer_names(node) -> list:
     """Names a node's subgraphs read from the enclosing graph."""
     import onnx
@@ -218,7 +183,6 @@ def import_onnx(model) -> OnnxImport:
     import onnx
     from onnx import numpy_helper
     model = onnx.ModelProto.FromString(model.SerializeToString())  # never modify the caller's
-    normalise_transposes(model)
     try:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # noqa: BLE001
@@ -241,10 +205,11 @@ def import_onnx(model) -> OnnxImport:
         t = types.get(vi.name)
         if t is not None and t[0] is not None:
             imp.ref_of[vi.name] = g.add_external(_unique(vi.name, names), t[0], t[1])
-    spell: dict = {}
-    for op in REGISTRY.values():
-        for form in op.onnx:
-            spell.setdefault(form.op_type, []).append((op.name, form.parse))
+    spell: dict = {}  # op_type -> [(op name, parse)], the highest priority first (then registry order)
+    forms = [(-f.priority, k, op.name, f) for k, (op, f) in
+             enumerate((op, f) for op in REGISTRY.values() for f in op.onnx)]
+    for _, _, name, form in sorted(forms, key=lambda x: x[:2]):
+        spell.setdefault(form.op_type, []).append((name, form.parse))
     producers = {o: n for n in g_in.node for o in n.output}
     folded = fold_literals(g_in, consts, imp.opset)
     users = {x for n in g_in.node if not all(o in folded for o in n.output) for x in n.input}
@@ -269,8 +234,6 @@ def import_onnx(model) -> OnnxImport:
                 imp.ref_of[node.output[0]] = g.add_external(_unique(node.output[0], names), value.shape, dtype,
                                                             value=torch.from_numpy(np.array(value)))
                 continue
-        if node.domain in ("", "ai.onnx") and _alias(imp, node, attrs, types):
-            continue
         if node.domain in ("", "ai.onnx") and _registry_op(imp, node, attrs, types, consts, spell, names, producers):
             imp.counts["ops"] += 1
             continue
@@ -317,20 +280,6 @@ def fold_literals(graph, consts: dict, opset: int) -> dict:
         for o, v in zip(node.output, outs):
             values[o] = v
     return values
-
-
-def _alias(imp, node, attrs, types) -> bool:
-    """Identity, Dropout at inference and a Cast to the same type: the input's value."""
-    if node.op_type not in _ALIASES or not node.input or node.input[0] not in imp.ref_of:
-        return False
-    if node.op_type == "Dropout" and (len(node.output) > 1 and node.output[1]
-                                      or len(node.input) > 2 and node.input[2]):
-        return False  # the mask output is used, or training_mode is given
-    src, out = types.get(node.input[0]), types.get(node.output[0])
-    if src is None or out is None or src != out:
-        return False
-    imp.ref_of[node.output[0]] = imp.ref_of[node.input[0]]
-    return True
 
 
 def _registry_op(imp, node, attrs, types, consts, spell, names, producers) -> bool:

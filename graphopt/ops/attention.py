@@ -3,7 +3,7 @@
 grouped-query attention.
 
 None of these is enumerated by the generator; hand-written rules
-(``substitutions/handwritten.json``, built by ``substitutions/make_handwritten.py``)
+(``substitutions/attention.rules``, compiled to ``substitutions/handwritten.json``)
 relate the unfused attention subgraph to ``sdpa``/``sdpa_masked`` and pass the
 same float verifier as every other rule.
 """
@@ -35,7 +35,10 @@ softmax = register(OpDef(
     lower=lambda t, a: [torch.softmax(t[0], a["axis"])],
     flops=lambda ins, outs, a: 5 * numel_int(outs[0]),
     fx=(FxForm((torch.softmax, F.softmax, "method:softmax", aten.softmax.int, aten._softmax.default),
-               sp.softmax),),
+               sp.softmax),
+        # the fp32 upcast of half-precision attention weights, cast back: one softmax
+        FxForm(("method:to", "method:type", aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default),
+               sp.softmax_cast_back, priority=1)),
     onnx=(OnnxForm("Softmax", ox.softmax),),
     to_onnx=ox.emit_softmax,
 ))
@@ -179,6 +182,8 @@ repeat_heads = register(OpDef(
     compute=_repeat_heads_compute,
     lower=lambda t, a: [torch.repeat_interleave(t[0], int(a["heads"]) // t[0].shape[-3], dim=-3)],
     flops=lambda ins, outs, a: 0,
-    onnx=(OnnxForm("Reshape", ox.repeat_heads),),
+    fx=(FxForm(("method:reshape", "method:view", aten.reshape.default, aten.view.default,
+                aten._unsafe_view.default), sp.repeat_heads, priority=1),),
+    onnx=(OnnxForm("Reshape", ox.repeat_heads, priority=1),),
     to_onnx=ox.emit_repeat_heads,
 ))

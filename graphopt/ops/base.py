@@ -161,6 +161,7 @@ class FxForm:
 
     targets: tuple
     parse: Callable
+    priority: int = 0  # forms of several ops on one target are tried highest first
 
 
 @dataclass(frozen=True)
@@ -178,6 +179,7 @@ class OnnxForm:
 
     op_type: str
     parse: Callable
+    priority: int = 0  # forms of several ops on one op_type are tried highest first
 
 
 @dataclass(frozen=True)
@@ -221,6 +223,10 @@ class OpDef:
     # ``(b, inputs, attrs, outputs) -> None``: write the op as ONNX nodes producing the
     # output names given (``b``: backends.onnx.Builder); None: it cannot be written as ONNX
     to_onnx: Callable | None = None
+    # ``(in_shapes, attrs) -> [(op, args, attrs), ...] | None``: the op defined as other registry
+    # ops, which the pipeline's first stage substitutes (so rules see one canonical form); an
+    # arg is the position of one of the op's inputs or ``("step", k)``, the k-th step's output
+    expand: Callable | None = None
 
     # -- the three semantic domains --------------------------------------------------
     def ref(self, arrays: Sequence[np.ndarray], attrs: Mapping) -> list:
@@ -341,6 +347,8 @@ def opdef_problems(op: OpDef) -> list:
         problems.append("onnx")
     if op.to_onnx is not None and not callable(op.to_onnx):
         problems.append("to_onnx")
+    if op.expand is not None and not callable(op.expand):
+        problems.append("expand")
     return problems
 
 

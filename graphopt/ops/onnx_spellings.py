@@ -58,12 +58,34 @@ def unary(inputs, attrs, ctx):
     return (list(inputs), {}) if len(inputs) == 1 and not attrs else None
 
 
+def unary_any_attrs(inputs, attrs, ctx):
+    """One input, attributes that do not matter (a Cast: the importer checks that the inferred
+    type, here the input's, is the node's, so only a cast to the same type is accepted)."""
+    return (list(inputs), {}) if len(inputs) == 1 else None
+
+
+def dropout_at_inference(inputs, attrs, ctx):
+    """Dropout whose mask output is unused and with no training_mode input: its input."""
+    if not inputs or len(inputs) > 2 or len(ctx.out_shapes) > 1 or set(attrs) - {"seed"}:
+        return None
+    return [inputs[0]], {}
+
+
+def permute_many(inputs, attrs, ctx):
+    """A Transpose that moves more than two axes."""
+    rank = len(ctx.shape(inputs[0]) or ())
+    perm = list(attrs.get("perm", range(rank - 1, -1, -1)))
+    if set(attrs) - {"perm"} or sum(p != i for i, p in enumerate(perm)) <= 2:
+        return None
+    return [inputs[0]], {"perm": perm}
+
+
 def matmul(inputs, attrs, ctx):
     return (list(inputs), {}) if len(inputs) == 2 and not attrs else None
 
 
 def transpose(inputs, attrs, ctx):
-    """A Transpose that swaps two axes (the importer splits other perms into swaps)."""
+    """A Transpose that swaps two axes (other perms are ``permute``)."""
     rank = len(ctx.shape(inputs[0]) or ())
     perm = list(attrs.get("perm", range(rank - 1, -1, -1)))
     moved = [i for i, p in enumerate(perm) if p != i]
@@ -162,6 +184,10 @@ def emit_transpose(b, ins, attrs, outs):
     d0, d1 = attrs["dim0"] % rank, attrs["dim1"] % rank
     perm[d0], perm[d1] = perm[d1], perm[d0]
     b.node("Transpose", ins, outs, perm=perm)
+
+
+def emit_permute(b, ins, attrs, outs):
+    b.node("Transpose", ins, outs, perm=[int(getattr(p, "const", p)) for p in attrs["perm"]])
 
 
 def emit_reshape(b, ins, attrs, outs):

@@ -93,6 +93,115 @@ def permute_as_transpose(args, kwargs, ctx):
     return [args[0]], {"dim0": moved[0] - rank, "dim1": moved[1] - rank}
 
 
+def permute_many(args, kwargs, ctx):
+    """A permute that moves more than two axes (``permute``; two axes: ``transpose``)."""
+    perm = permutation(args, kwargs, ctx)
+    if perm is None or sum(p != i for i, p in enumerate(perm)) <= 2:
+        return None
+    return [args[0]], {"perm": perm}
+
+
+def linear_without_bias(args, kwargs, ctx):
+    """``F.linear(x, w)`` / ``aten.linear(x, w)`` with no bias."""
+    x = args[0] if args else kwargs.get("input")
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if bias is not None or not (ctx.is_tensor(x) and ctx.is_tensor(w)) or ctx.rank(w) != 2:
+        return None
+    return [x, w], {}
+
+
+def dropout_at_inference(args, kwargs, ctx):
+    """``F.dropout(x, p, training, inplace)`` / ``aten.dropout(x, p, train)``: x when not training."""
+    x = args[0] if args else kwargs.get("input")
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train", True))
+    inplace = args[3] if len(args) > 3 else kwargs.get("inplace", False)
+    if not ctx.is_tensor(x) or inplace is not False or not (training is False or p == 0):
+        return None
+    return [x], {}
+
+
+def same_value(args, kwargs, ctx):
+    """A copy or cast (``contiguous``, ``clone``, ``.to(dtype)``, ...) whose result has the
+    input's shape, dtype and device, where neither is written in place afterwards: the
+    input's value.  (The importer checks that the inferred type is the call's.)"""
+    if not args or not ctx.is_tensor(args[0]) or kwargs.get("memory_format") not in (
+            None, torch.preserve_format, torch.contiguous_format):
+        return None
+    src, node = ctx.meta(args[0]), ctx.node_value()
+    if getattr(src, "device", None) != getattr(node, "device", None) or ctx.written_in_place(args[0]):
+        return None
+    return [args[0]], {}
+
+
+def softmax_cast_back(args, kwargs, ctx):
+    """A cast of ``softmax(x, dim, dtype=float32)`` back to x's own half-precision dtype (the
+    fp32 upcast of attention weights in fp16/bf16 models): one softmax over x."""
+    import torch.nn.functional as F
+    if not args or not isinstance(args[0], torch.fx.Node):
+        return None
+    src = args[0]
+    if not ((src.op == "call_method" and src.target == "softmax") or (src.op == "call_function" and src.target in (
+            torch.softmax, F.softmax, aten._softmax.default, aten.softmax.int))):
+        return None
+    x = src.args[0] if src.args else src.kwargs.get("input")
+    dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim")
+    upcast = src.kwargs.get("dtype", src.args[2] if len(src.args) > 2 else None)
+    if not ctx.is_tensor(x) or not isinstance(dim, int) or upcast not in (torch.float32, True):
+        return None
+    if ctx.dtype(x) not in ("float16", "bfloat16") or ctx.meta(src).dtype != torch.float32:
+        return None
+    return [x], {"axis": dim % ctx.rank(x) - ctx.rank(x)}
+
+
+def repeat_heads(args, kwargs, ctx):
+    """``x[..., None, :, :]`` (or ``unsqueeze(-3)``), ``expand`` the new axis, ``reshape`` it
+    into the head axis: each of the g heads repeated r times (grouped-query attention)."""
+    if not args or len(ctx.out_shapes) != 1:
+        return None
+    expand = args[0]
+    if not _is_call(expand, ("expand",), (aten.expand.default,)):
+        return None
+    x = _unsqueezed(expand.args[0])
+    if x is None or not ctx.is_tensor(x):
+        return None
+    xs, es, out = ctx.shape(x), tuple(ctx.meta(expand).shape), tuple(ctx.out_shapes[0])
+    r = len(xs)
+    if r < 3 or len(es) != r + 1 or es[:r - 2] != xs[:r - 2] or es[r - 1:] != xs[r - 2:]:
+        return None
+    if out != xs[:r - 3] + (xs[r - 3] * es[r - 2],) + xs[r - 2:]:
+        return None
+    return [x], {"heads": out[r - 3]}
+
+
+def _is_call(node, methods, functions) -> bool:
+    return isinstance(node, torch.fx.Node) and (
+        (node.op == "call_method" and node.target in methods)
+        or (node.op == "call_function" and node.target in functions))
+
+
+def _unsqueezed(node):
+    """x when ``node`` inserts one axis before x's last two, else None."""
+    import operator
+    if _is_call(node, ("unsqueeze",), (torch.unsqueeze, aten.unsqueeze.default)):
+        x, dim = node.args[0], node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        rank = node.meta.get("val", node.meta.get("example_value")).dim()
+        return x if isinstance(dim, int) and dim % rank == rank - 3 else None
+    if _is_call(node, (), (operator.getitem,)):
+        x, index = node.args
+        index = index if isinstance(index, tuple) else (index,)
+        full = slice(None, None, None)
+        nones = [i for i, e in enumerate(index) if e is None]
+        if len(nones) != 1 or any(e is not None and e is not Ellipsis and e != full for e in index):
+            return None
+        rank = node.meta.get("val", node.meta.get("example_value")).dim()
+        k = nones[0]  # the new axis, counted from the front, or from the back after an Ellipsis
+        axis = rank - (len(index) - k) if Ellipsis in index[:k] else k
+        return x if axis == rank - 3 else None
+    return None
+
+
 def _neg(axis: int, rank: int) -> int:
     """Axes are kept negative, as in generated rules (which then hold with batch axes)."""
     return axis % rank - rank

@@ -1,0 +1,252 @@
+"""The optimizer as the stages it runs, the same for every frontend::
+
+    import -> canonicalise -> fuse -> search -> fold constants -> export -> verify
+
+A frontend (torch.fx in ``optimize.py``, ONNX in ``optimize_onnx.py``) says how to import
+its model into the IR, how to write the IR back, and how to run both versions; this
+module does everything in between, in the same way for each.  The middle stages are
+the phases of the schedule (:mod:`graphopt.schedule`): canonicalise and fuse are
+greedy rulesets, search is the cost-guided engine; before them, registry ops that are
+defined as other ops (``OpDef.expand``: ``linear`` is ``matmul(x, transpose(w))``, a
+multi-axis ``permute`` is a chain of swaps) are expanded, so no frontend needs
+canonicalisation code of its own.
+
+On any error the original is kept, and after the export the result is run against the
+original on the example inputs and fresh ones (:func:`compare_outputs`); on a
+difference, too, the original is kept and the report says why.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from collections import Counter
+from typing import Protocol
+
+from .errors import GraphoptError
+from .options import Options
+from .report import GraphReport, fused_attention
+from .verify import TOLERANCES
+
+
+class Frontend(Protocol):
+    """What the pipeline needs from a frontend, for one model or captured graph."""
+
+    original: object                       # returned unchanged on any fallback
+    what: str                              # what the original is, for the report: "graph", "model"
+
+    def import_graph(self):                # -> an import with ``.graph`` (IR) and ``.counts``
+        ...
+
+    def attention_blocks(self, imp) -> int:    # attention blocks in the model, fused or not
+        ...
+
+    def adjust(self, imp, plan: list, rep: GraphReport) -> list:  # drop what cannot be exported
+        ...
+
+    def export(self, imp, graph):          # -> the optimized artifact
+        ...
+
+    def trials(self) -> list:              # input sets to verify on (the examples first)
+        ...
+
+    def run(self, artifact, inputs) -> list:   # flat list of outputs
+        ...
+
+
+def optimize_with(frontend: Frontend, opts: Options, cost_model) -> tuple:
+    """Run every stage for one model; returns ``(artifact, GraphReport)``.
+
+    The artifact is ``frontend.original`` when nothing applied, something failed, or the
+    result differs from the original (the report's ``fallback`` says which).
+    """
+    from .schedule import planned
+    rep = GraphReport()
+    plan = planned(opts)  # a bad rule file is the user's error, not a reason to fall back
+    try:
+        imp = frontend.import_graph()                                   # import
+        rep.nodes = len(imp.graph.nodes)
+        rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
+        rep.attention["blocks"] = frontend.attention_blocks(imp)
+        plan = frontend.adjust(imp, plan, rep)
+        graph = transform(imp.graph, plan, cost_model, opts, rep)       # canonicalise, fuse, search, fold
+        if graph is None:
+            return frontend.original, rep
+        artifact = frontend.export(imp, graph)                          # export
+    except Exception as e:  # noqa: BLE001  never crash the user's model: keep the original
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        rep.fallback = f"optimisation failed ({type(e).__name__}: {first}); original {frontend.what} kept"
+        if not isinstance(e, GraphoptError):
+            rep.fallback += " [" + traceback.format_exc(limit=1).strip().splitlines()[-1] + "]"
+        rep.cost_after = rep.cost_before
+        return frontend.original, rep
+    if opts.verify:                                                     # verify
+        ok, diff, why = verify_against(frontend, artifact)
+        rep.max_abs_diff = diff
+        if not ok:
+            rep.fallback = f"verification failed: {why}; original {frontend.what} kept"
+            return frontend.original, rep
+    return artifact, rep
+
+
+def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
+    """The IR stages: expand registry composites, run each phase of the plan, fold constants.
+
+    Fills in ``rep`` (costs, rules applied per phase, folded constants, fused attention).
+    Returns:
+        the optimised IR graph, or None when nothing was rewritten.
+    """
+    from .engines import ENGINES
+    from .rewrite import MGraph, fold_constants, to_graph
+    from .search import GraphCost
+    lint = opts.lint or LINT_EVERY_STAGE
+    mg, _ = MGraph.from_graph(graph)
+    mg.remove_dead()  # e.g. the fp32 softmax whose cast back became one softmax
+    _lint(lint, mg, "import")
+    cost = GraphCost(cost_model)
+    rep.cost_before = cost(mg)
+    applied = Counter()
+    start = time.monotonic()
+    mg, expanded = expand_composites(mg)
+    _lint(lint, mg, "expand")
+    for step in plan:
+        res = ENGINES[step.phase.engine](mg, step.patterns, cost_model, opts)
+        mg = res.graph
+        applied.update(res.applied)
+        rep.phases[step.phase.name] = {"engine": step.phase.engine, "rulesets": list(step.phase.rulesets),
+                                       "applied": sum(res.applied.values()), "seconds": round(res.seconds, 3)}
+        _lint(lint, mg, f"phase {step.phase.name}")
+    rep.applied, rep.search_seconds = applied, time.monotonic() - start
+    by_id = {p.rule_id: p for step in plan for p in step.patterns}
+    rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in applied}
+    if not applied and not expanded:
+        rep.cost_after = rep.cost_before
+        return None
+    folded_graph, folded = fold_constants(mg, graph.constants)        # fold constants
+    _lint(lint, folded_graph, "fold constants")
+    rep.folded = len(folded)
+    rep.attention.update(fused_attention(folded_graph))
+    rep.cost_after = GraphCost(cost_model)(folded_graph)
+    return to_graph(folded_graph, graph, folded)
+
+
+# the test suite sets this (tests/conftest.py): every pipeline run lints after every stage
+LINT_EVERY_STAGE = False
+
+
+def _lint(enabled: bool, mg, stage: str) -> None:
+    if enabled:
+        from .lint import lint_mgraph
+        lint_mgraph(mg, stage)
+
+
+def expand_composites(mg) -> tuple:
+    """Replace every registry node whose op is defined as other ops (``OpDef.expand``)
+    by those ops; returns ``(graph, how many were expanded)``."""
+    from .ops import get_op
+    from .rewrite import INPUT, MNode
+    from .ir import OPAQUE
+    todo = [nid for nid in mg.topo_order() if mg.nodes[nid].op not in (INPUT, OPAQUE)
+            and get_op(mg.nodes[nid].op).expand is not None]
+    if not todo:
+        return mg, 0
+    new, count = mg.copy(), 0
+    for nid in todo:
+        node = new.nodes[nid]
+        steps = get_op(node.op).expand([new.type_of(v)[0] for v in node.inputs], dict(node.attrs))
+        if steps is None:
+            continue
+        refs = []
+        for op, args, attrs in steps:
+            ins = tuple(refs[a[1]] if isinstance(a, tuple) else node.inputs[a] for a in args)
+            opdef = get_op(op)
+            types = [new.type_of(v) for v in ins]
+            from .dims import Dim
+            full = opdef.full_attrs(attrs)
+            outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in types], [dt for _, dt in types], full)
+            outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
+            mnode = MNode(op, ins, tuple(sorted(full.items())), outs, after=node.after)
+            refs.append((new.add_node(mnode, intern=not node.after), 0))
+        if new.type_of(refs[-1]) != node.outs[0]:
+            raise GraphoptError(f"internal error: the expansion of {node.op} changes its type")
+        new.replace_uses((nid, 0), refs[-1])
+        new.remove_dead({nid})
+        count += 1
+    return new, count
+
+
+def verify_against(frontend: Frontend, artifact) -> tuple:
+    """Run the original and the artifact on every trial input set; ``(ok, max |diff|, why)``."""
+    worst = 0.0
+    for inputs in frontend.trials():
+        try:
+            expected = frontend.run(frontend.original, inputs)
+            got = frontend.run(artifact, inputs)
+        except Exception as e:  # noqa: BLE001
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            return False, float("inf"), f"running the optimised model raised {type(e).__name__}: {first}"
+        ok, diff, why = compare_outputs(expected, got)
+        worst = max(worst, diff)
+        if not ok:
+            return False, worst, why
+    return True, worst, None
+
+
+def compare_outputs(expected: list, got: list) -> tuple:
+    """Compare two flat lists of outputs (torch tensors, numpy arrays or python values):
+    ``(ok, max |diff|, why)``.
+
+    Shapes and dtypes must match, integer and boolean outputs exactly, floating ones within
+    the dtype's tolerance (:data:`graphopt.verify.TOLERANCES`, relative to the largest
+    magnitude of the expected output).  Equal infinities are equal; a NaN is equal only
+    to a NaN at the same place (a NaN where the original has none is a difference), and
+    so is an infinity.
+
+    Example:
+        >>> compare_outputs([torch.tensor([1.0, float("inf")])], [torch.tensor([1.0, float("inf")])])
+        (True, 0.0, None)
+    """
+    import numpy as np
+    import torch
+    if len(expected) != len(got):
+        return False, float("inf"), f"{len(got)} outputs instead of {len(expected)}"
+    worst = 0.0
+    for k, (x, y) in enumerate(zip(expected, got)):
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            x, y = _as_tensor(x), _as_tensor(y)
+        if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+            if type(x) is not type(y) or x != y:
+                return False, float("inf"), f"output {k}: a non-tensor output differs ({y!r} != {x!r})"
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False, float("inf"), (f"output {k}: type {tuple(y.shape)} {y.dtype} "
+                                         f"!= {tuple(x.shape)} {x.dtype}")
+        if not (x.is_floating_point() or x.is_complex()):
+            if not torch.equal(x, y):
+                return False, float("inf"), f"output {k}: an integer output differs"
+            continue
+        if x.numel() == 0:
+            continue
+        a, b = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
+        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+        if not bool(torch.isfinite(b[~same]).all()) or not bool(torch.isfinite(a[~same]).all()):
+            return False, float("inf"), f"output {k}: non-finite values where the original has others"
+        diff = (a - b).abs().masked_fill(same, 0.0)
+        d = float(diff.max())
+        worst = max(worst, d)
+        rtol, atol = TOLERANCES.get(str(x.dtype).replace("torch.", ""), TOLERANCES["float32"])
+        finite = a[torch.isfinite(a)]
+        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0)
+        if d > (atol + rtol) * scale:
+            return False, worst, f"output {k}: max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
+    return True, worst, None
+
+
+def _as_tensor(v):
+    import numpy as np
+    import torch
+    if isinstance(v, np.ndarray):
+        return torch.from_numpy(np.ascontiguousarray(v))
+    return v
+
+
+__all__ = ["optimize_with", "transform", "expand_composites", "compare_outputs", "verify_against", "Frontend"]

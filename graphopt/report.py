@@ -1,0 +1,157 @@
+"""What the optimizer did, per captured graph and in total, as data (``to_json``) and as
+text (``str``); the torch and the ONNX paths fill in the same report."""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+
+@dataclass
+class GraphReport:
+    nodes: int = 0
+    ops: int = 0
+    opaque: int = 0
+    cost_before: float = 0.0
+    cost_after: float = 0.0
+    applied: Counter = field(default_factory=Counter)
+    rewrites: dict = field(default_factory=dict)   # pattern id -> "lhs  ->  rhs"
+    search_seconds: float = 0.0
+    folded: int = 0
+    max_abs_diff: float = 0.0
+    fallback: str | None = None
+    attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
+    notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
+    phases: dict = field(default_factory=dict)  # schedule phase -> {"engine", "rulesets", "applied", "seconds"}
+
+
+def fused_attention(mg) -> Counter:
+    """Fused attention calls in a rewritten graph: how many, causal, masked, grouped-query."""
+    out = Counter()
+    for n in mg.nodes.values():
+        if n.op in ("sdpa", "sdpa_masked"):
+            attrs = dict(n.attrs)
+            out["fused"] += 1
+            out["causal"] += bool(attrs.get("is_causal"))
+            out["masked"] += n.op == "sdpa_masked"
+            out["gqa"] += bool(attrs.get("enable_gqa"))
+    return out
+
+
+@dataclass
+class Report:
+    """What graphopt did: per captured graph, and in total."""
+
+    graphs: list = field(default_factory=list)
+    total_seconds: float = 0.0   # capture + search + verification, for optimize()
+
+    @property
+    def notes(self) -> list:
+        return [n for g in self.graphs for n in g.notes]
+
+    @property
+    def applied(self) -> Counter:
+        total = Counter()
+        for g in self.graphs:
+            if not g.fallback:
+                total.update(g.applied)
+        return total
+
+    @property
+    def rewrites(self) -> dict:
+        out = {}
+        for g in self.graphs:
+            out.update(g.rewrites)
+        return out
+
+    @property
+    def cost_before(self) -> float:
+        return sum(g.cost_before for g in self.graphs)
+
+    @property
+    def cost_after(self) -> float:
+        return sum(g.cost_before if g.fallback else g.cost_after for g in self.graphs)
+
+    @property
+    def search_seconds(self) -> float:
+        return sum(g.search_seconds for g in self.graphs)
+
+    @property
+    def fallbacks(self) -> list:
+        return [g.fallback for g in self.graphs if g.fallback]
+
+    @property
+    def phases(self) -> dict:
+        """Per schedule phase, summed over the graphs: sites rewritten and seconds."""
+        out: dict = {}
+        for g in self.graphs:
+            for name, p in g.phases.items():
+                q = out.setdefault(name, {"engine": p["engine"], "rulesets": p["rulesets"],
+                                          "applied": 0, "seconds": 0.0})
+                q["applied"] += 0 if g.fallback else p["applied"]
+                q["seconds"] = round(q["seconds"] + p["seconds"], 3)
+        return out
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((g.max_abs_diff for g in self.graphs), default=0.0)
+
+    @property
+    def attention(self) -> dict:
+        total = Counter()
+        for g in self.graphs:
+            total["blocks"] += g.attention["blocks"]
+            if not g.fallback:
+                total.update({k: v for k, v in g.attention.items() if k != "blocks"})
+        return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa")}
+
+    def to_json(self) -> dict:
+        return {
+            "graphs": len(self.graphs),
+            "ops": sum(g.ops for g in self.graphs),
+            "opaque": sum(g.opaque for g in self.graphs),
+            "rules_applied": dict(sorted(self.applied.items())),
+            "rewrites": {k: self.rewrites.get(k, "") for k in sorted(self.applied)},
+            "cost_before_s": self.cost_before,
+            "cost_after_s": self.cost_after,
+            "search_seconds": round(self.search_seconds, 3),
+            "folded_constants": sum(g.folded for g in self.graphs),
+            "max_abs_diff": self.max_abs_diff,
+            "attention": self.attention,
+            "phases": self.phases,
+            "notes": self.notes,
+            "fallbacks": self.fallbacks,
+        }
+
+    def __str__(self) -> str:
+        return format_report(self.to_json())
+
+
+def format_report(j: dict, title: str | None = None) -> str:
+    """The report as text, from its JSON form (:meth:`Report.to_json`; an ONNX model's
+    stored report has the same form)."""
+    head = title or f"{j['graphs']} graph(s)"
+    lines = [f"graphopt: {head}, {j['ops']} ops modelled, {j['opaque']} opaque",
+             f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
+             f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
+    for name, p in (j.get("phases") or {}).items():
+        lines.append(f"  phase {name:<9}{p['engine']} over {', '.join(p['rulesets']) or 'no ruleset'}: "
+                     f"{p['applied']} site(s) rewritten, {p['seconds']:.2f} s")
+    if j["rules_applied"]:
+        lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
+        for k, v in j["rules_applied"].items():
+            lines.append(f"    {k} x{v}: {j['rewrites'].get(k, '')}")
+    else:
+        lines.append("  rules applied  none")
+    a = j["attention"]
+    if a["blocks"] or a["fused"]:
+        lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
+                     f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
+    lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
+    for n in j["notes"]:
+        lines.append(f"  note           {n}")
+    for f in j["fallbacks"]:
+        lines.append(f"  FALLBACK       {f}")
+    return "\n".join(lines)
+
+
+__all__ = ["GraphReport", "Report", "format_report", "fused_attention"]
