@@ -219,9 +219,12 @@ def _search_options(args) -> dict:
                    time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
     if args.rules:
         from pathlib import Path
+
+        from .schedule import load_source
         for f in args.rules:
             if not Path(f).is_file():
                 raise GraphoptError(f"{f}: no such rule file")
+            load_source(f)  # parse and verify now: a bad rule file fails before the model is built
         options["rules"] = ("default", "handwritten") + tuple(args.rules)
     if args.ruleset:
         options["rulesets"] = tuple(args.ruleset)

@@ -5,7 +5,6 @@ into SDPA."""
 import pytest
 import torch
 
-import graphopt
 from graphopt.optimize import LAST_REPORTS
 
 transformers = pytest.importorskip("transformers")

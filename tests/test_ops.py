@@ -7,7 +7,6 @@ its fingerprint must agree with the reference modulo PRIME (algebraic ops) and
 its Z3 semantics must agree with the reference after substituting numbers.
 """
 import itertools
-from collections.abc import Mapping
 
 import numpy as np
 import pytest

@@ -9,7 +9,6 @@ import torch
 import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.lint import LintError, lint_mgraph
-from graphopt.options import Options
 from graphopt.pipeline import compare_outputs, expand_composites
 from graphopt.rewrite import MGraph, MNode
 from graphopt.schedule import DEFAULT_SCHEDULE, Phase, load_rulesets, plan_schedule, without_ruleset
