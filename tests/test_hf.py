@@ -69,3 +69,16 @@ def test_other_decoder_families_fuse_every_block(family):
     assert not fast.report.fallbacks and att["blocks"] == att["fused"] == att["causal"] == 2, fast.report
     with torch.no_grad():
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_bf16_model_fuses_every_block(name):
+    """bf16 Llama casts to float32 around RMSNorm and the rotary embedding: those casts are
+    real (not aliases) and stay; attention and its fp32 softmax upcast still fuse."""
+    model = _build(name).to(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 19))
+    fast = graphopt.optimize(model, (ids,), time_limit=20)
+    att = fast.report.attention
+    assert not fast.report.fallbacks and att["blocks"] == att["fused"] == att["causal"] == 2, fast.report
+    with torch.no_grad():
+        torch.testing.assert_close(fast(ids).float(), model(ids).float(), rtol=2e-2, atol=2e-2)

@@ -405,14 +405,16 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
             else:
                 break
         else:
+            mark = len(imp.graph.nodes)
             try:
                 out = imp.graph.add(op_name, *refs, **attrs)
             except GraphoptError:
                 continue
             out_refs = out if isinstance(out, tuple) else (out,)
             got = [(tuple(d.const for d in s), dt) for s, dt in (imp.graph.type_of(r) for r in out_refs)]
-            if got != [tuple(t) for t in types]:
-                raise GraphoptError(f"{node.name}: op {op_name} infers {got}, the graph says {types}")
+            if got != [tuple(t) for t in types]:  # not this op after all (a cast that casts): the
+                del imp.graph.nodes[mark:]        # next spelling, or an opaque node
+                continue
             if isinstance(value, (list, tuple)):
                 imp.ref_of[(node, "multi")] = out_refs
             else:

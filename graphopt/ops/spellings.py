@@ -130,7 +130,11 @@ def same_value(args, kwargs, ctx):
             None, torch.preserve_format, torch.contiguous_format):
         return None
     src, node = ctx.meta(args[0]), ctx.node_value()
-    if getattr(src, "device", None) != getattr(node, "device", None) or ctx.written_in_place(args[0]):
+    if not isinstance(src, torch.Tensor) or not isinstance(node, torch.Tensor):
+        return None
+    if (src.dtype, src.device, tuple(src.shape)) != (node.dtype, node.device, tuple(node.shape)):
+        return None  # a real cast or copy to another device: not an alias
+    if ctx.written_in_place(args[0]):
         return None
     return [args[0]], {}
 
