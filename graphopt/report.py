@@ -132,9 +132,9 @@ def format_report(j: dict, title: str | None = None) -> str:
     head = title or f"{j['graphs']} graph(s)"
     lines = [f"graphopt: {head}, {j['ops']} ops modelled, {j['opaque']} opaque",
              f"  cost (model)   {j['cost_before_s'] * 1e3:.4f} ms -> {j['cost_after_s'] * 1e3:.4f} ms",
-             f"  search         {j['search_seconds']:.2f} s; {j['folded_constants']} constants folded"]
+             f"  rewriting      {j['search_seconds']:.2f} s (all phases); {j['folded_constants']} constants folded"]
     for name, p in (j.get("phases") or {}).items():
-        lines.append(f"  phase {name:<9}{p['engine']} over {', '.join(p['rulesets']) or 'no ruleset'}: "
+        lines.append(f"  phase          {name}: {p['engine']} over {', '.join(p['rulesets']) or 'no ruleset'}, "
                      f"{p['applied']} site(s) rewritten, {p['seconds']:.2f} s")
     if j["rules_applied"]:
         lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
