@@ -78,6 +78,9 @@ def _load(path):
 def _cmd_rules_compile(args) -> int:
     """Parse and verify text rule files into one JSON library (the shipped handwritten.json)."""
     from .schedule import SHIPPED, compile_hand_written, hand_written_sources
+    if args.files and not args.output:
+        raise GraphoptError("rules compile FILE...: say where to write the library with -o PATH "
+                            "(without files, it compiles the shipped ones to substitutions/handwritten.json)")
     sources = args.files or hand_written_sources()
     output = args.output or str(SHIPPED["handwritten"])
     for f in sources:

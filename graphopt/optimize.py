@@ -26,7 +26,7 @@ def _cost_model(opts: Options, example_inputs):
     device = opts.device
     if device is None:
         dev = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
-        device = "cpu" if dev.type == "cpu" else _gpu_name()
+        device = "cpu" if dev.type == "cpu" else _gpu_name() if dev.type == "cuda" else "cpu"
     return get_cost_model(opts.cost_model, device=device)
 
 

@@ -255,12 +255,12 @@ def planned(opts) -> list:
     for s in sources:
         path = SHIPPED.get(s, Path(s)) if isinstance(s, str) else None
         try:
-            stamps.append((path.stat().st_mtime_ns, path.stat().st_size) if path else id(s))
+            stamps.append((path.stat().st_mtime_ns, path.stat().st_size) if path else None)
         except OSError:
             stamps.append(None)
         if s == "handwritten":  # its text sources decide whether the compiled form is current
             stamps.extend((q.name, q.stat().st_mtime_ns, q.stat().st_size) for q in hand_written_sources())
-    key = (tuple(id(s) if isinstance(s, RuleLibrary) else s for s in sources), tuple(stamps),
+    key = (tuple(tuple(r.id for r in s.rules) if isinstance(s, RuleLibrary) else s for s in sources), tuple(stamps),
            repr(opts.schedule), tuple(opts.rulesets) if opts.rulesets is not None else None)
     if key not in _PLANS:
         _PLANS[key] = plan_schedule(load_rulesets(sources), opts.schedule, opts.rulesets)

@@ -212,6 +212,7 @@ def test_rules_compile_check_and_output(cli, tmp_path):
     proc = cli("rules", "compile", str(rules), "-o", str(out))
     assert proc.returncode == 0 and "wrote 1 verified rules (my)" in proc.stdout, proc.stderr
     assert load_rules(out)["relu-split"].provenance["ruleset"] == "my"
+    assert "say where to write" in cli("rules", "compile", str(rules)).stderr  # never over the shipped one
     rules.write_text(USER_RULES + "# edited since\n")
     assert cli("rules", "compile", str(rules), "-o", str(out), "--check").returncode == 1
 

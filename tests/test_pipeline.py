@@ -9,6 +9,7 @@ import torch
 import graphopt
 from graphopt.errors import GraphoptError
 from graphopt.lint import LintError, lint_mgraph
+from graphopt.options import Options
 from graphopt.pipeline import compare_outputs, expand_composites
 from graphopt.rewrite import MGraph, MNode
 from graphopt.schedule import DEFAULT_SCHEDULE, Phase, load_rulesets, plan_schedule, without_ruleset
@@ -172,3 +173,71 @@ def test_schedule_option_changes_what_runs():
     rep = graphopt.optimize(model, inputs, schedule=search_only, rulesets=("generated",)).report
     assert rep.attention["fused"] == 0 and list(rep.to_json()["phases"]) == ["search"]
     assert DEFAULT_SCHEDULE[0].name == "canonicalise"
+
+
+# -- found in review: the expansion and aliases never change what is computed -------------------
+
+class _ReadThenWrite(torch.nn.Module):
+    """A bias-free linear reads a buffer that is then updated in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("h", torch.zeros(1, 16))
+        self.w = torch.nn.Parameter(torch.randn(8, 16))
+
+    def forward(self, x):
+        y = torch.nn.functional.linear(self.h + x, self.w)
+        self.h.mul_(0.5).add_(1.0)
+        return y
+
+
+@pytest.mark.parametrize("capture", ["dynamo", "export"])
+def test_expanded_linear_keeps_its_place_before_a_later_write(capture):
+    model, ref = _ReadThenWrite(), _ReadThenWrite()
+    ref.load_state_dict(model.state_dict())
+    x = torch.randn(1, 16)
+    fast = graphopt.optimize(model, (x,), capture=capture)
+    model.h.zero_()
+    ref.h.zero_()
+    with torch.no_grad():
+        for _ in range(3):
+            torch.testing.assert_close(fast(x), ref(x))
+
+
+def test_a_clone_written_through_a_view_of_its_source_is_no_alias():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            x = x * 2.0
+            y = x.clone()
+            x[:, 0].zero_()
+            return y + 1.0
+
+    x = torch.randn(4, 4)
+    fast = graphopt.optimize(M(), (x,), verify=False)
+    torch.testing.assert_close(fast(x), M()(x))
+
+
+def test_one_dimensional_linear_stays_a_call_and_the_rest_is_optimized():
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, v, x):
+            return torch.nn.functional.linear(v, self.w), -(-x)
+
+    m, v, x = M(), torch.randn(16), torch.randn(3, 3)
+    fast = graphopt.optimize(m, (v, x))
+    assert not fast.report.fallbacks, fast.report
+    with torch.no_grad():
+        torch.testing.assert_close(fast(v, x), m(v, x))
+
+
+def test_a_graph_only_expanded_is_left_as_it_was():
+    g = graphopt.Graph()
+    g.add_input("X", (2, 3, 4, 5))
+    g.outputs = [g.add("permute", "X", perm=(0, 2, 3, 1))]
+    from cost_models import get_cost_model
+    from graphopt.pipeline import transform
+    from graphopt.report import GraphReport
+    assert transform(g, [], get_cost_model("roofline", device="cpu"), Options(), GraphReport()) is None

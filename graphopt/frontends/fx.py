@@ -53,6 +53,7 @@ class FxImport:
     ref_of: dict = field(default_factory=dict)  # fx node (or (node, i)) -> IR ref
     output: FxPayload | None = None
     counts: dict = field(default_factory=dict)  # "ops" / "opaque" node counts
+    written: set = field(default_factory=set)   # fx nodes written in place (through views too)
 
 
 def _meta_value(node: fx.Node):
@@ -93,7 +94,8 @@ class _Ctx:
     def written_in_place(self, a) -> bool:
         """Whether ``a`` or the call's result is written in place by a later call."""
         users = (*(self.node.users if self.node is not None else ()), *(a.users if isinstance(a, fx.Node) else ()))
-        return any(_mutates(u) for u in users)
+        written = getattr(self.imp, "written", set())  # written in place, through views too
+        return any(_mutates(u) for u in users) or a in written or self.node in written
 
     def is_tensor(self, a) -> bool:
         return isinstance(a, fx.Node) and a in self.imp.ref_of
@@ -138,7 +140,8 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     g = Graph()
     imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0, "folded": 0})
     names = set()
-    written = _written(gm)  # found once: folding, constants and ordering all need it
+    written = _written(gm)  # found once: folding, constants, aliases and ordering all need it
+    imp.written = written
     mutated = _roots(written)
     folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items() if n not in mutated}, written)
     order = _SideEffectOrder(g, written)

@@ -48,8 +48,8 @@ alias = register(OpDef(
 
 def _linear_infer(shapes, dtypes, attrs):
     x, w = shapes
-    if len(w) != 2 or len(x) < 1:
-        raise ShapeError(f"linear: weight must have rank 2 and x rank >= 1, got ranks {len(x)} and {len(w)}")
+    if len(w) != 2 or len(x) < 2:
+        raise ShapeError(f"linear: weight must have rank 2 and x rank >= 2, got ranks {len(x)} and {len(w)}")
     if x[-1] != w[1]:
         raise ShapeError(f"linear: in-features differ: {x[-1]} vs {w[1]}")
     return [(x[:-1] + (w[0],), dtypes[0])]

@@ -106,7 +106,7 @@ def linear_without_bias(args, kwargs, ctx):
     x = args[0] if args else kwargs.get("input")
     w = args[1] if len(args) > 1 else kwargs.get("weight")
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    if bias is not None or not (ctx.is_tensor(x) and ctx.is_tensor(w)) or ctx.rank(w) != 2:
+    if bias is not None or not (ctx.is_tensor(x) and ctx.is_tensor(w)) or ctx.rank(w) != 2 or ctx.rank(x) < 2:
         return None
     return [x, w], {}
 
