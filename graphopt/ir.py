@@ -89,6 +89,11 @@ class Graph:
     # node index -> indices of nodes that must run before it though no value flows between
     # them: the original order of side effects (a KV-cache write, then its reads)
     after: dict = field(default_factory=dict)
+    # set by the optimizer: how folded constants are computed from the constant inputs
+    # (a rewrite.FoldProgram), and the constant inputs whose values a rewrite relied on
+    # (a guard such as "this mask is causal" held): both are what a runtime guard watches
+    folds: object = None
+    assumed: set = field(default_factory=set)
 
     # -- construction ---------------------------------------------------------------
     def add_input(self, name: str, shape, dtype: str = "float32", guard: str | None = None) -> str:

@@ -13,6 +13,7 @@ has: the example inputs Dynamo passes, module buffers behind a guard, and the ca
 from __future__ import annotations
 
 import time
+from collections import Counter
 
 import torch
 
@@ -49,17 +50,24 @@ class Backend:
 
     def __call__(self, gm, example_inputs, **kwargs):
         opts = self.options if not kwargs.get("options") else Options.of(kwargs["options"])
-        out, rep = optimize_graph_module(gm, example_inputs, opts)
+        out, rep = optimize_graph_module(gm, example_inputs, opts, root=kwargs.get("root"),
+                                         eager=kwargs.get("eager"))
         self.report.graphs.append(rep)
-        self.modules.append(out)
+        from .runtime import CountingGraph, GuardedGraph
+        if isinstance(out, GuardedGraph):
+            self.modules.append(out.fast)
+            if opts.inductor:
+                from torch._inductor.compile_fx import compile_fx
+                out.fast, out.can_refold = compile_fx(out.fast, example_inputs), False
+            rep.runtime = out
+            return out
+        self.modules.append(gm)
+        run = gm
         if opts.inductor:
             from torch._inductor.compile_fx import compile_fx
-            run, original = compile_fx(out, example_inputs), gm
-        else:
-            run, original = out, gm
-        if out is gm or not any(_is_buffer(n) for n in gm.graph.nodes if n.op == "placeholder"):
-            return run
-        return BufferGuard(run, original, gm, example_inputs)
+            run = compile_fx(gm, example_inputs)
+        rep.runtime = CountingGraph(run, f"not optimised ({rep.fallback})" if rep.fallback else "nothing to optimise")
+        return rep.runtime
 
 
 class FxFrontend:
@@ -67,8 +75,9 @@ class FxFrontend:
 
     what = "graph"
 
-    def __init__(self, gm, example_inputs, opts: Options):
+    def __init__(self, gm, example_inputs, opts: Options, root=None, eager=None):
         self.original, self.example_inputs, self.opts = gm, list(example_inputs), opts
+        self.root, self.eager = root, eager   # torch.export capture: the user's model
 
     def import_graph(self):
         from .frontends.fx import import_fx
@@ -82,8 +91,12 @@ class FxFrontend:
         return plan
 
     def export(self, imp, graph):
+        """The optimised GraphModule, behind the per-call guard of what it assumes
+        (:mod:`graphopt.runtime`: weights folded or relied on)."""
         from .backends.fx import export_fx
-        return export_fx(imp, graph)
+        from .runtime import guard_fx
+        fast = export_fx(imp, graph)
+        return guard_fx(imp, graph, fast, self.eager or self.original, self.example_inputs, root=self.root)
 
     def trials(self) -> list:
         return _trials(self.original, self.example_inputs, self.opts)
@@ -94,17 +107,19 @@ class FxFrontend:
         from .frontends.fx import fetch_attr, mutated_roots
         state = [fetch_attr(self.original, n.target) for n in mutated_roots(self.original) if n.op == "get_attr"]
         saved = [t.clone() for t in state]
-        try:
-            with torch.no_grad():
+        try:   # the same random numbers for both versions: dropout in training mode stays
+            with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
+                torch.manual_seed(self.opts.seed)
                 return _flatten(module(*_copies(inputs)))
         finally:
             _restore(state, saved)
 
 
-def optimize_graph_module(gm, example_inputs, opts: Options):
-    """Optimise one captured GraphModule; returns (module to run, GraphReport)."""
+def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=None):
+    """Optimise one captured GraphModule; returns (module to run, GraphReport): a
+    :class:`~graphopt.runtime.GuardedGraph`, or ``gm`` itself when nothing was optimised."""
     from .pipeline import optimize_with
-    return optimize_with(FxFrontend(gm, example_inputs, opts), opts, _cost_model(opts, example_inputs))
+    return optimize_with(FxFrontend(gm, example_inputs, opts, root, eager), opts, _cost_model(opts, example_inputs))
 
 
 def _attention_blocks(imp) -> int:
@@ -132,8 +147,8 @@ def _parameters(gm, example_inputs) -> dict:
     """Placeholders whose values are known: nn.Parameters (Dynamo lifts a module's weights
     to inputs) and the module's buffers that the graph does not write to (a causal mask
     registered with ``register_buffer``).  Subgraphs of them only are precomputed, and
-    guarded rules read them (is this mask causal?).  Buffers can change between calls, so
-    the optimised graph only runs while they are unchanged (:class:`BufferGuard`)."""
+    guarded rules read them (is this mask causal?).  They can change between calls: the
+    optimised graph watches them (:mod:`graphopt.runtime`)."""
     from .frontends.fx import mutated_roots
     written = mutated_roots(gm)
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -147,32 +162,10 @@ def _is_buffer(ph) -> bool:
     return "._buffers[" in str(getattr(source, "name", ""))
 
 
-class BufferGuard:
-    """Runs the optimised graph while the buffers it read as constants are unchanged (the
-    same tensors, not written since: their version counters say so, at no cost), and the
-    original graph otherwise."""
-
-    def __init__(self, fast, original, gm, example_inputs):
-        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        self.fast, self.original = fast, original
-        self.guarded = [(k, t, t._version) for k, (ph, t) in enumerate(zip(phs, example_inputs))
-                        if _is_buffer(ph) and isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)]
-        self.snapshots = [t.detach().clone() for _, t, _ in self.guarded]
-        self.fallbacks = 0
-
-    def __call__(self, *args):
-        for (k, t, version), snap in zip(self.guarded, self.snapshots):
-            a = args[k]
-            if (a is not t or a._version != version) and not (
-                    a.shape == snap.shape and a.dtype == snap.dtype and torch.equal(a, snap)):
-                self.fallbacks += 1
-                return self.original(*args)
-        return self.fast(*args)
-
-
 def _trials(original, example_inputs, opts: Options) -> list:
     """The example inputs, then fresh random ones of the same shapes (weights and buffers
-    kept; integer inputs such as token ids drawn within the range seen)."""
+    kept; integer inputs such as token ids drawn within the range seen and 0-1, boolean
+    ones at random)."""
     gen = torch.Generator().manual_seed(opts.seed)
     example_inputs = [_hint(x) for x in example_inputs]
     trials = [list(example_inputs)]
@@ -186,8 +179,13 @@ def _trials(original, example_inputs, opts: Options) -> list:
                 r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
                 fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0))
             elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-                lo, hi = int(t.min()), int(t.max()) + 1
+                # within the range seen, widened to 0 and 1 at least: an all-ones attention
+                # mask must also be tried with zeros (a trial the original itself rejects,
+                # e.g. a token id past the vocabulary, is skipped by the verifier)
+                lo, hi = min(int(t.min()), 0), max(int(t.max()) + 1, 2)
                 fresh.append(torch.randint(lo, hi, t.shape, generator=gen, dtype=t.dtype).to(t.device))
+            elif t.dtype == torch.bool:
+                fresh.append(torch.rand(t.shape, generator=gen).to(t.device) < 0.5)
             else:
                 fresh.append(t)
         trials.append(fresh)
@@ -203,6 +201,10 @@ def _hint(x):
             raise GraphoptError("a symbolic size has no example value to verify with")
         return int(hint)
     return x
+
+
+def _devices(inputs) -> list:
+    return sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
 
 
 def _restore(state, saved) -> None:
@@ -225,16 +227,19 @@ def _flatten(x) -> list:
 
 
 class OptimizedModule(torch.nn.Module):
-    """The optimised model: same call signature, and ``.report``."""
+    """The optimised model: same call signature, ``.report`` and ``.stats()``."""
 
-    def __init__(self, model, compiled, backend: Backend):
+    def __init__(self, model, compiled, backend: Backend, capture: str = "dynamo"):
         super().__init__()
         self._original = [model]    # a list: not registered as a submodule twice
         self._compiled = compiled
         self._backend = backend
+        self._capture = capture
+        self._calls: Counter = Counter()
 
     @property
     def report(self) -> Report:
+        self._backend.report.calls = self.stats()
         return self._backend.report
 
     @property
@@ -242,8 +247,58 @@ class OptimizedModule(torch.nn.Module):
         """The optimised GraphModules, one per captured graph."""
         return list(self._backend.modules)
 
+    def stats(self) -> dict:
+        """How the calls so far ran: ``{"calls": n, "optimized": n, "original": {reason: n}}``.
+
+        A call is ``optimized`` when every captured graph it ran was the optimised one;
+        otherwise the reasons say why not (a weight changed and was relied on, a dispatch
+        mode was active, Dynamo ran the model eagerly, a graph was not optimised).
+        Per graph, ``graphs`` gives the same counts (``refolded``: folded constants computed
+        again after a weight changed).
+        """
+        graphs = [dict(g.runtime.stats) if g.runtime is not None else {} for g in self._backend.report.graphs]
+        return {"calls": self._calls["calls"], "optimized": self._calls["optimized"],
+                "original": {k: v for k, v in self._calls.items() if k not in ("calls", "optimized")},
+                "graphs": graphs}
+
+    def _graph_stats(self) -> Counter:
+        total = Counter()
+        for g in self._backend.report.graphs:
+            if g.runtime is not None:
+                total.update(g.runtime.stats)
+        return total
+
     def forward(self, *args, **kwargs):
-        return self._compiled(*args, **kwargs)
+        self._calls["calls"] += 1
+        mode = _dispatch_mode() if self._capture == "dynamo" else None
+        if mode is not None:
+            # Dynamo does not run compiled code under a dispatch mode, and (torch 2.13) then
+            # marks the frame to be skipped for good; run eagerly, without Dynamo seeing it
+            self._calls[f"a dispatch mode ({type(mode).__name__}) was active: the model ran eagerly"] += 1
+            with torch.compiler.set_stance("force_eager"):
+                return self._original[0](*args, **kwargs)
+        before = self._graph_stats()
+        out = self._compiled(*args, **kwargs)
+        ran = self._graph_stats() - before
+        if not ran:
+            self._calls["Dynamo ran the model eagerly (no captured graph ran)"] += 1
+        elif set(ran) == {"optimized"} or set(ran) == {"optimized", "refolded"}:
+            self._calls["optimized"] += 1
+        else:
+            for why in ran:
+                if why not in ("optimized", "refolded"):
+                    self._calls[why] += 1
+        return out
+
+
+def _dispatch_mode():
+    """The active TorchDispatchMode that makes Dynamo skip compiled code, or None."""
+    from torch.utils import _python_dispatch as pd
+    if getattr(torch._dynamo.config, "inline_torch_dispatch_torch_compile", False):
+        active = pd.any_torch_dispatch_mode_on_stack()
+    else:
+        active = pd.is_in_any_mode_without_ignore_compile_internals()
+    return (pd._get_current_dispatch_mode() or object()) if active else None
 
 
 def optimize(model, example_inputs, capture: str = "dynamo", **options) -> OptimizedModule:
@@ -278,7 +333,7 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         except Exception as e:
             raise GraphoptError(f"torch.export could not capture the model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); try capture='dynamo'") from None
-        compiled = backend(gm, list(example_inputs))
+        compiled = backend(gm, list(example_inputs), root=model, eager=model)
     elif capture == "dynamo":
         compiled = torch.compile(model, backend=backend, dynamic=False)
         # Dynamo caches compiled code per code object: many models of one class (or one
@@ -293,7 +348,7 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
     else:
         raise GraphoptError(f"unknown capture {capture!r} (dynamo or export)")
     backend.report.total_seconds = time.monotonic() - start
-    return OptimizedModule(model, compiled, backend)
+    return OptimizedModule(model, compiled, backend, capture)
 
 
 def graphopt_backend(gm, example_inputs, options=None):

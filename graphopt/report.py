@@ -22,6 +22,7 @@ class GraphReport:
     attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
     notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
     phases: dict = field(default_factory=dict)  # schedule phase -> {"engine", "rulesets", "applied", "seconds"}
+    runtime: object = field(default=None, repr=False, compare=False)  # what runs (graphopt.runtime), with .stats
 
 
 def fused_attention(mg) -> Counter:
@@ -43,6 +44,7 @@ class Report:
 
     graphs: list = field(default_factory=list)
     total_seconds: float = 0.0   # capture + search + verification, for optimize()
+    calls: dict | None = None    # how the calls so far ran (OptimizedModule.stats())
 
     @property
     def notes(self) -> list:
@@ -120,6 +122,7 @@ class Report:
             "phases": self.phases,
             "notes": self.notes,
             "fallbacks": self.fallbacks,
+            **({"calls": {k: v for k, v in self.calls.items() if k != "graphs"}} if self.calls else {}),
         }
 
     def __str__(self) -> str:
@@ -151,6 +154,10 @@ def format_report(j: dict, title: str | None = None) -> str:
         lines.append(f"  note           {n}")
     for f in j["fallbacks"]:
         lines.append(f"  FALLBACK       {f}")
+    calls = j.get("calls")
+    if calls and calls["calls"]:
+        lines.append(f"  calls          {calls['calls']}: {calls['optimized']} ran the optimised graph"
+                     + "".join(f"; {n} the original: {why}" for why, n in calls["original"].items()))
     return "\n".join(lines)
 
 

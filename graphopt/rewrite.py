@@ -532,6 +532,39 @@ def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | Non
     return new
 
 
+@dataclass
+class FoldProgram:
+    """How the folded constants of a graph are computed from its constant inputs, so they
+    can be computed again from new values (a weight loaded from a checkpoint after the
+    optimisation) without a new search, or with gradients (training through a merged
+    projection).
+
+    ``steps`` are ``(op, attrs, input keys, output keys)`` in order; a key is an input
+    name or a ``(node id, output)`` pair; ``outputs`` maps each folded name to its key.
+    """
+
+    inputs: tuple = ()
+    steps: list = field(default_factory=list)
+    outputs: dict = field(default_factory=dict)
+
+    def run(self, values: dict) -> dict:
+        """The folded constants for these input values (name -> tensor); ``{name: tensor}``."""
+        from .backends.fx import run_op
+        env = dict(values)
+        for op, attrs, ins, outs in self.steps:
+            out = run_op(op, attrs, *[env[k] for k in ins])
+            env.update(zip(outs, out if isinstance(out, tuple) else (out,)))
+        return {name: env[key].contiguous() for name, key in self.outputs.items()}
+
+    def sources(self, names) -> set:
+        """The inputs that the given folded constants are computed from."""
+        need = {self.outputs[n] for n in names if n in self.outputs}
+        for _, _, ins, outs in reversed(self.steps):
+            if need & set(outs):
+                need |= set(ins)
+        return {k for k in need if isinstance(k, str) and k in self.inputs}
+
+
 def fold_constants(mg: MGraph, constants: dict) -> tuple:
     """Compute every registry node whose inputs are all constants once, now.
 
@@ -539,7 +572,8 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
         mg: the graph (not modified).
         constants: value of each constant input, by name (torch tensors).
     Returns:
-        (new graph, {name: tensor} of the folded values it reads as constant inputs).
+        (new graph, {name: tensor} of the folded values it reads as constant inputs,
+        the :class:`FoldProgram` that computes them).
     """
     from .backends.fx import run_op
     const = mg.const_nodes()
@@ -554,6 +588,7 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
             views.add(nid)
     values: dict = {}
     folded: dict = {}
+    steps, key = [], {}
     new = mg.copy()
     for nid in order:
         n = mg.nodes[nid]
@@ -561,12 +596,15 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
             continue
         if n.op == INPUT:
             values[(nid, 0)] = constants[n.name]
+            key[(nid, 0)] = n.name
             continue
         out = run_op(n.op, n.attrs, *[values[v] for v in n.inputs])
         outs = out if isinstance(out, tuple) else (out,)
+        steps.append((n.op, n.attrs, tuple(key[v] for v in n.inputs), tuple(_outs(nid, n))))
         for j, t in enumerate(outs):
             values[(nid, j)] = t
             v = (nid, j)
+            key[v] = v
             used_outside = nid not in views and (
                 any(c not in const or c in views for c, _ in mg.consumers.get(v, ())) or v in mg.outputs)
             if used_outside:
@@ -575,7 +613,14 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
                 fid = new.add_node(MNode(INPUT, (), (), (n.outs[j],), name=name, const=True), intern=False)
                 new.replace_uses(v, (fid, 0))
     new.remove_dead()
-    return new, folded
+    program = FoldProgram(outputs={name: (int(name.split("_")[2]), int(name.split("_")[3])) for name in folded})
+    needed = set(program.outputs.values())
+    for step in reversed(steps):     # only the steps the folded values need
+        if needed & set(step[3]):
+            program.steps.insert(0, step)
+            needed |= set(step[2])
+    program.inputs = tuple(sorted(k for k in needed if isinstance(k, str)))
+    return new, folded, program
 
 
 def _outs(nid, node) -> list:
@@ -609,4 +654,5 @@ def to_graph(mg: MGraph, template: Graph, extra_constants: dict | None = None) -
     return g
 
 
-__all__ = ["MGraph", "MNode", "Pattern", "Match", "find_matches", "apply_match", "to_graph"]
+__all__ = ["MGraph", "MNode", "Pattern", "Match", "FoldProgram", "find_matches", "apply_match", "fold_constants",
+           "to_graph"]

@@ -57,7 +57,9 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
         if not inp.const:
             continue
         old = ref_of_name.get(inp.name)
-        target = old.target if old is not None and old.op == "get_attr" else f"_graphopt_{inp.name}"
+        if old is not None and old.op == "placeholder":
+            continue  # a weight Dynamo passes per call: read it from there (it may change)
+        target = old.target if old is not None and old.op == "get_attr" else folded_target(inp.name)
         attrs[target] = graph.constants[inp.name]
         n = new.get_attr(target)
         n.meta["val"] = graph.constants[inp.name]
@@ -94,6 +96,24 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
     return gm
 
 
+def baked_scalars(graph: Graph) -> set:
+    """The constants that :func:`export_fx` writes into the code as python numbers (a
+    change of their value needs a new graph, not new constants)."""
+    out = set()
+    for node in graph.nodes:
+        if node.op == OPAQUE:
+            continue
+        pos = get_op(node.op).scalar_operand
+        if pos is not None and pos < len(node.inputs) and _number(graph, node.inputs[pos]) is not None:
+            out.add(node.inputs[pos])
+    return out
+
+
+def folded_target(name: str) -> str:
+    """The attribute of the exported module that holds the constant input ``name``."""
+    return f"_graphopt_{name}"
+
+
 def _number(graph: Graph, ref: str):
     """A constant scalar operand (a literal scale, a folded 1/s) as a python number: SDPA's
     ``scale`` must be one, and compilers downstream (inductor) cannot read a tensor's value."""
@@ -120,4 +140,4 @@ def _default(ph):
     return ph.args[0] if ph.args else fx.node.inspect.Signature.empty
 
 
-__all__ = ["export_fx", "run_op"]
+__all__ = ["export_fx", "run_op", "baked_scalars", "folded_target"]

@@ -1,0 +1,281 @@
+"""The optimised graph at run time: what it assumed at optimisation time is checked per call.
+
+An optimised GraphModule reads some tensors as constants: weights folded into new ones
+(the concatenation of q/k/v after a merge rule), and values a rewrite relied on (a mask
+buffer that a guard found causal, a scalar written into the code as a number).  The
+model can change them after :func:`graphopt.optimize` returned: ``load_state_dict``, an
+in-place edit, ``model.to(dtype)``, a weight replaced by another tensor.
+:class:`GuardedGraph` wraps the optimised module and, per call, looks at each watched
+tensor's identity, version counter and data pointer (no value is read: well under a
+microsecond per tensor).  When one changed:
+
+* a weight that only feeds folded constants: the folded constants are computed again from
+  the new values (the graph's :class:`~graphopt.rewrite.FoldProgram`; no new search);
+* a value a rewrite relied on: if its value is still the same (a buffer re-created with the
+  same contents) nothing changes, otherwise the original graph runs, for every such call;
+* a change of shape, dtype or device: the original graph runs (Dynamo normally compiles a
+  new graph for it before this point).
+
+With gradients enabled and a folded weight that requires grad, the folded constants are
+computed per call from the live weights, so gradients flow to them (SDPA and the other
+registry ops have a backward).  Every call is counted: how many ran the optimised graph,
+how many the original and why (:attr:`GuardedGraph.stats`).
+"""
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+
+# a value a rewrite relied on is copied (to compare with after a change) up to this size
+MAX_SNAPSHOT_NUMEL = 1 << 22
+
+
+@dataclass
+class Watched:
+    """One tensor the optimised graph depends on: positional argument ``index`` of the
+    graph (a weight Dynamo lifts to an input) or attribute ``target`` of ``root``."""
+
+    label: str
+    index: int | None
+    target: str | None
+    root: object = None     # the module ``target`` is read from
+    refold: bool = True     # feeds folded constants only (False: its value was relied on)
+    names: tuple = ()       # the IR constant inputs it is (for the fold program)
+    tensor: torch.Tensor | None = None
+    version: int = 0
+    ptr: int = 0
+    meta: tuple = ()
+    snapshot: torch.Tensor | None = None
+
+
+def _state(t) -> tuple:
+    return t._version, t.data_ptr()
+
+
+def _meta(t) -> tuple:
+    return tuple(t.shape), t.dtype, t.device
+
+
+class GuardedGraph:
+    """Runs ``fast`` while what it assumed holds (see the module docstring), else ``original``.
+
+    Args:
+        fast: the optimised module (its folded constants are attributes named by
+            ``targets``: IR constant name -> attribute).
+        original: what to run instead (the captured graph, or the model).
+        watched: the tensors to check per call (:class:`Watched`).
+        program: the :class:`~graphopt.rewrite.FoldProgram` of the folded constants.
+        fixed_values: IR constant inputs the program reads that never change (literals).
+        can_refold: False when ``fast`` has its constants compiled in (inductor).
+    """
+
+    def __init__(self, fast, original, watched: list, program=None, targets=None, fixed_values=None,
+                 can_refold: bool = True, args=()):
+        self.fast, self.original = fast, original
+        self.watched, self.program = watched, program
+        self.targets, self.fixed_values = dict(targets or {}), dict(fixed_values or {})
+        self.can_refold = can_refold and program is not None and bool(program.outputs)
+        self.stats: Counter = Counter()
+        self._grad_inputs = [w for w in watched if w.refold]
+        for w in watched:
+            t = self._current(w, args)
+            w.tensor, (w.version, w.ptr), w.meta = t, _state(t), _meta(t)
+            if not w.refold and t.numel() <= MAX_SNAPSHOT_NUMEL:
+                w.snapshot = t.detach().clone()
+        self._bad: dict = {}   # label -> (tensor, version, ptr, why) known to differ from what was assumed
+        self._stale = False    # a folded weight changed: the folded constants need computing again
+
+    def _current(self, w: Watched, args):
+        if w.index is not None:
+            return args[w.index]
+        obj = w.root
+        for part in w.target.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def __call__(self, *args):
+        why = self.check(args)
+        if why is not None:
+            self.stats[why] += 1
+            return self.original(*args)
+        if torch.is_grad_enabled() and self._grad_inputs and any(
+                self._current(w, args).requires_grad for w in self._grad_inputs):
+            if not self.can_refold:
+                self.stats["gradients are needed through folded weights compiled into the graph"] += 1
+                return self.original(*args)
+            return self._with_grad(args)
+        self.stats["optimized"] += 1
+        return self.fast(*args)
+
+    def check(self, args) -> str | None:
+        """The per-call guard: None when the optimised graph may run (its folded constants
+        computed again first if a weight changed), else why not."""
+        for w in self.watched:
+            t = self._current(w, args)
+            if t is w.tensor and t._version == w.version and t.data_ptr() == w.ptr:
+                continue
+            why = self._changed(w, t)
+            if why is not None:
+                return why
+            self._stale = self._stale or w.refold   # (kept until the refold ran)
+        if self._stale:
+            self._refold(args)
+            self._stale = False
+        return None
+
+    def _changed(self, w: Watched, t):
+        """None when the change can be followed (the new state is recorded), else why not."""
+        state = (t, *_state(t))
+        bad = self._bad.get(w.label)
+        if bad is not None and bad[0] is t and bad[1:] == state[1:]:
+            return bad[3]
+        why = None
+        if not isinstance(t, torch.Tensor) or _meta(t) != w.meta:
+            why = f"{w.label} changed shape, dtype or device"
+        elif not w.refold:
+            if w.snapshot is None or not torch.equal(t, w.snapshot):
+                why = f"{w.label} changed, and its value was relied on at optimisation time"
+        elif not self.can_refold:
+            why = f"{w.label} changed, and the optimised graph has its folded constants compiled in"
+        elif w.index is None and t is not w.tensor:
+            why = f"{w.label} was replaced by another tensor"
+        if why is not None:
+            self._bad[w.label] = (*state, why)
+            return why
+        w.tensor, (w.version, w.ptr) = t, _state(t)
+        return None
+
+    def _values(self, args, detach: bool) -> dict:
+        values = dict(self.fixed_values)
+        for w in self._grad_inputs:
+            t = self._current(w, args)
+            for name in w.names:
+                values[name] = t.detach() if detach else t
+        return values
+
+    def _refold(self, args) -> None:
+        """The folded constants again, from the weights' new values."""
+        with torch.no_grad():
+            new = self.program.run(self._values(args, detach=True))
+        for name, value in new.items():
+            setattr(self.fast, self.targets[name], value)
+        self.stats["refolded"] += 1
+
+    def _with_grad(self, args):
+        """A call that gradients flow through: the folded constants computed from the live
+        weights for this call (then the cached ones are put back)."""
+        live = self.program.run(self._values(args, detach=False))
+        saved = {name: getattr(self.fast, self.targets[name]) for name in live}
+        try:
+            for name, value in live.items():
+                setattr(self.fast, self.targets[name], value)
+            self.stats["optimized"] += 1
+            return self.fast(*args)
+        finally:
+            for name, value in saved.items():
+                setattr(self.fast, self.targets[name], value)
+
+
+class CountingGraph:
+    """The original graph, where nothing was optimised: counted, with the reason."""
+
+    def __init__(self, original, why: str):
+        self.original, self.why = original, why
+        self.stats: Counter = Counter()
+
+    def __call__(self, *args):
+        self.stats[self.why] += 1
+        return self.original(*args)
+
+
+def guard_fx(imp, graph, fast, original, example_inputs, root=None, can_refold: bool = True) -> GuardedGraph:
+    """Wrap an optimised GraphModule in its per-call guard.
+
+    Args:
+        imp: the :class:`~graphopt.frontends.fx.FxImport` of the captured graph.
+        graph: the optimised IR graph (``graph.folds``, ``graph.assumed``).
+        fast: ``fast`` = the exported GraphModule; ``original``: what runs otherwise.
+        example_inputs: the placeholder values now (the watched weights among them).
+        root: where weights read with ``get_attr`` live (default: the captured module);
+            for ``torch.export`` capture, the user's model.
+    """
+    import torch.fx as fx
+    from .backends.fx import baked_scalars, folded_target
+    from .rewrite import FoldProgram
+    program = graph.folds if graph.folds is not None else FoldProgram()
+    node_of = {ref: node for node, ref in imp.ref_of.items() if isinstance(node, fx.Node)}
+    index = {ph: k for k, ph in enumerate(imp.placeholders)}
+
+    def leaves(node) -> set:   # the weights and buffers a value folded on import came from
+        out, todo, seen = set(), [node], set()
+        while todo:
+            n = todo.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if n.op in ("placeholder", "get_attr"):
+                out.add(n)
+            todo.extend(n.all_input_nodes)
+        return out
+
+    def resolve(name) -> set:  # the source tensors an IR constant input's value comes from
+        if name in program.outputs:
+            return set().union(*[resolve(s) for s in program.sources([name])])
+        node = node_of.get(name)
+        return set() if node is None else leaves(node)
+
+    fixed: set = set()         # sources whose values were relied on
+    for inp in graph.inputs:   # values folded on import (a mask sliced from a buffer) are baked in
+        node = node_of.get(inp.name)
+        if inp.const and node is not None and node.op not in ("placeholder", "get_attr"):
+            fixed |= leaves(node)
+    for name in set(graph.assumed) | baked_scalars(graph):
+        fixed |= resolve(name)
+    names: dict = {}           # source -> the IR constant inputs of the fold program it is
+    fixed_values = {}
+    for name in program.inputs:
+        node = node_of.get(name)
+        if node is not None and node.op in ("placeholder", "get_attr"):
+            names.setdefault(node, []).append(name)
+        else:
+            fixed_values[name] = graph.constants[name]
+            fixed |= resolve(name)
+    watched = []
+    for node in sorted(fixed | set(names), key=lambda n: n.name):
+        if node.op == "placeholder" and node not in index:
+            continue
+        is_arg = node.op == "placeholder"
+        owner = None if is_arg else _owner(node.target, root, imp.gm)
+        watched.append(Watched(_label(node), index[node] if is_arg else None, None if is_arg else node.target,
+                               owner, refold=node not in fixed, names=tuple(names.get(node, ()))))
+    targets = {name: folded_target(name) for name in program.outputs}
+    return GuardedGraph(fast, original, watched, program, targets, fixed_values, can_refold, example_inputs)
+
+
+def _owner(target: str, *roots):
+    """The first of ``roots`` that has the attribute ``target`` (a dotted path)."""
+    for r in roots:
+        obj = r
+        try:
+            for part in target.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            continue
+        if isinstance(obj, torch.Tensor):
+            return r
+    return roots[-1]
+
+
+def _label(node) -> str:
+    """A readable name for a weight: ``h.0.attn.c_attn.weight`` from Dynamo's source
+    ``L['self']._modules['h']...._parameters['weight']``."""
+    import re
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    text = str(getattr(source, "name", "") or "")
+    parts = [p for p in re.findall(r"\[['\"]([^'\"]+)['\"]\]", text) if p != "self"]
+    return ".".join(parts) if parts else str(node.target)
+
+
+__all__ = ["GuardedGraph", "CountingGraph", "Watched", "guard_fx", "MAX_SNAPSHOT_NUMEL"]
