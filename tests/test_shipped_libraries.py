@@ -37,6 +37,15 @@ def test_an_edited_rules_file_makes_the_compiled_library_stale(tmp_path, monkeyp
     assert sch.stale_sources(lib) == ["substitutions/fusion.rules"]
 
 
+def test_shipped_libraries_were_made_with_this_op_registry():
+    """A change of an operator's signature (its arity, attributes, algebraic flag) can change
+    what a stored rule means: the shipped libraries must be regenerated (``graphopt generate``,
+    ``graphopt rules compile``) whenever the registry version moves."""
+    from graphopt.ops import registry_version
+    for name in ("default", "handwritten"):
+        assert json.loads(SHIPPED[name].read_text())["registry_version"] == registry_version(), name
+
+
 def test_default_json_is_the_generator_output_for_its_settings(fresh_library):
     """default.json records the generator's default settings (its op set is the registry's
     enumerable ops), and what the generator makes now at depth 3 is in it, rule for rule."""
