@@ -58,7 +58,7 @@ class Backend:
             self.modules.append(out.fast)
             if opts.inductor:
                 from torch._inductor.compile_fx import compile_fx
-                out.fast, out.can_refold = compile_fx(out.fast, example_inputs), False
+                out.fast, out.can_refold, out.can_rebind = compile_fx(out.fast, example_inputs), False, False
             rep.runtime = out
             return out
         self.modules.append(gm)
@@ -278,7 +278,11 @@ class OptimizedModule(torch.nn.Module):
             with torch.compiler.set_stance("force_eager"):
                 return self._original[0](*args, **kwargs)
         before = self._graph_stats()
-        out = self._compiled(*args, **kwargs)
+        if self._capture == "dynamo":
+            with _recompile_limits():
+                out = self._compiled(*args, **kwargs)
+        else:
+            out = self._compiled(*args, **kwargs)
         ran = self._graph_stats() - before
         if not ran:
             self._calls["Dynamo ran the model eagerly (no captured graph ran)"] += 1
@@ -336,12 +340,7 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         compiled = backend(gm, list(example_inputs), root=model, eager=model)
     elif capture == "dynamo":
         compiled = torch.compile(model, backend=backend, dynamic=False)
-        # Dynamo caches compiled code per code object: many models of one class (or one
-        # wrapper) would hit its recompile limit and silently run eagerly; raise it for
-        # this capture (later calls only look up what was compiled)
-        limits = {k: max(getattr(torch._dynamo.config, k), 4096) for k in
-                  ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, k)}
-        with torch.no_grad(), torch._dynamo.config.patch(**limits):
+        with torch.no_grad(), _recompile_limits():
             compiled(*example_inputs)   # capture and optimise now, not at the first user call
         if not backend.report.graphs:
             raise GraphoptError("Dynamo captured no graph of the model (it runs eagerly); try capture='export'")
@@ -349,6 +348,27 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         raise GraphoptError(f"unknown capture {capture!r} (dynamo or export)")
     backend.report.total_seconds = time.monotonic() - start
     return OptimizedModule(model, compiled, backend, capture)
+
+
+def _recompile_limits():
+    """Dynamo caches compiled code per code object: many models of one class (or one wrapper)
+    would hit its recompile limit and silently run eagerly. Raised for graphopt's captures and
+    calls (a call with grad enabled, a new dtype, compiles again)."""
+    return _RecompileLimits()
+
+
+class _RecompileLimits:
+    KEYS, AT_LEAST = ("recompile_limit", "accumulated_recompile_limit"), 4096
+
+    def __enter__(self):
+        cfg = torch._dynamo.config
+        self.saved = [(k, getattr(cfg, k)) for k in self.KEYS if hasattr(cfg, k) and getattr(cfg, k) < self.AT_LEAST]
+        for k, _ in self.saved:
+            setattr(cfg, k, self.AT_LEAST)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved:
+            setattr(torch._dynamo.config, k, v)
 
 
 def graphopt_backend(gm, example_inputs, options=None):

@@ -43,6 +43,7 @@ class Watched:
     root: object = None     # the module ``target`` is read from
     refold: bool = True     # feeds folded constants only (False: its value was relied on)
     names: tuple = ()       # the IR constant inputs it is (for the fold program)
+    direct: bool = False    # the optimised module holds it as its own attribute ``target``
     tensor: torch.Tensor | None = None
     version: int = 0
     ptr: int = 0
@@ -77,8 +78,9 @@ class GuardedGraph:
         self.watched, self.program = watched, program
         self.targets, self.fixed_values = dict(targets or {}), dict(fixed_values or {})
         self.can_refold = can_refold and program is not None and bool(program.outputs)
+        self.can_rebind = can_refold
         self.stats: Counter = Counter()
-        self._grad_inputs = [w for w in watched if w.refold]
+        self._grad_inputs = [w for w in watched if w.refold and w.names]
         for w in watched:
             t = self._current(w, args)
             w.tensor, (w.version, w.ptr), w.meta = t, _state(t), _meta(t)
@@ -95,23 +97,23 @@ class GuardedGraph:
             obj = getattr(obj, part)
         return obj
 
-    def __call__(self, *args):
-        why = self.check(args)
+    def __call__(self, *args, **kwargs):
+        grad = torch.is_grad_enabled() and self._grad_inputs and any(
+            self._current(w, args).requires_grad for w in self._grad_inputs)
+        why = self.check(args, refold=not grad)
+        if why is None and grad and not self.can_refold:
+            why = "gradients are needed through folded weights compiled into the graph"
         if why is not None:
             self.stats[why] += 1
-            return self.original(*args)
-        if torch.is_grad_enabled() and self._grad_inputs and any(
-                self._current(w, args).requires_grad for w in self._grad_inputs):
-            if not self.can_refold:
-                self.stats["gradients are needed through folded weights compiled into the graph"] += 1
-                return self.original(*args)
-            return self._with_grad(args)
+            return self.original(*args, **kwargs)
+        if grad:
+            return self._with_grad(args, kwargs)
         self.stats["optimized"] += 1
-        return self.fast(*args)
+        return self.fast(*args, **kwargs)
 
-    def check(self, args) -> str | None:
-        """The per-call guard: None when the optimised graph may run (its folded constants
-        computed again first if a weight changed), else why not."""
+    def check(self, args, refold: bool = True) -> str | None:
+        """The per-call guard: None when the optimised graph may run (with ``refold``, its
+        folded constants are computed again first if a weight changed), else why not."""
         for w in self.watched:
             t = self._current(w, args)
             if t is w.tensor and t._version == w.version and t.data_ptr() == w.ptr:
@@ -119,8 +121,8 @@ class GuardedGraph:
             why = self._changed(w, t)
             if why is not None:
                 return why
-            self._stale = self._stale or w.refold   # (kept until the refold ran)
-        if self._stale:
+            self._stale = self._stale or bool(w.names)   # (kept until the refold ran)
+        if self._stale and refold:
             self._refold(args)
             self._stale = False
         return None
@@ -134,18 +136,33 @@ class GuardedGraph:
         why = None
         if not isinstance(t, torch.Tensor) or _meta(t) != w.meta:
             why = f"{w.label} changed shape, dtype or device"
+        elif w.index is None and t is not w.tensor and not self._rebind(w, t):
+            why = f"{w.label} was replaced by another tensor, which the optimised module cannot read"
         elif not w.refold:
             if w.snapshot is None or not torch.equal(t, w.snapshot):
                 why = f"{w.label} changed, and its value was relied on at optimisation time"
-        elif not self.can_refold:
+        elif w.names and not self.can_refold:
             why = f"{w.label} changed, and the optimised graph has its folded constants compiled in"
-        elif w.index is None and t is not w.tensor:
-            why = f"{w.label} was replaced by another tensor"
         if why is not None:
             self._bad[w.label] = (*state, why)
             return why
         w.tensor, (w.version, w.ptr) = t, _state(t)
         return None
+
+    def _rebind(self, w: Watched, t) -> bool:
+        """A weight the optimised module holds as its own attribute was replaced in the model
+        (``model.proj.weight = nn.Parameter(...)``): the module reads the new one too."""
+        if not self.can_rebind:
+            return False
+        obj, *path = [self.fast] + w.target.split(".")
+        try:
+            for part in path[:-1]:
+                obj = getattr(obj, part)
+            if w.direct:
+                setattr(obj, path[-1], t)
+            return True
+        except (AttributeError, TypeError):   # not held there, or a Parameter slot and a plain tensor
+            return False
 
     def _values(self, args, detach: bool) -> dict:
         values = dict(self.fixed_values)
@@ -163,7 +180,7 @@ class GuardedGraph:
             setattr(self.fast, self.targets[name], value)
         self.stats["refolded"] += 1
 
-    def _with_grad(self, args):
+    def _with_grad(self, args, kwargs):
         """A call that gradients flow through: the folded constants computed from the live
         weights for this call (then the cached ones are put back)."""
         live = self.program.run(self._values(args, detach=False))
@@ -172,7 +189,7 @@ class GuardedGraph:
             for name, value in live.items():
                 setattr(self.fast, self.targets[name], value)
             self.stats["optimized"] += 1
-            return self.fast(*args)
+            return self.fast(*args, **kwargs)
         finally:
             for name, value in saved.items():
                 setattr(self.fast, self.targets[name], value)
@@ -185,9 +202,9 @@ class CountingGraph:
         self.original, self.why = original, why
         self.stats: Counter = Counter()
 
-    def __call__(self, *args):
+    def __call__(self, *args, **kwargs):
         self.stats[self.why] += 1
-        return self.original(*args)
+        return self.original(*args, **kwargs)
 
 
 def guard_fx(imp, graph, fast, original, example_inputs, root=None, can_refold: bool = True) -> GuardedGraph:
@@ -242,14 +259,19 @@ def guard_fx(imp, graph, fast, original, example_inputs, root=None, can_refold: 
         else:
             fixed_values[name] = graph.constants[name]
             fixed |= resolve(name)
+    # weights the optimised module reads as its own attributes: another tensor assigned to
+    # the model's attribute (with torch.export capture) is not seen by it, so it is watched
+    direct = {node_of[i.name] for i in graph.inputs if i.const and i.name in node_of
+              and node_of[i.name].op == "get_attr"}
     watched = []
-    for node in sorted(fixed | set(names), key=lambda n: n.name):
+    for node in sorted(fixed | set(names) | direct, key=lambda n: n.name):
         if node.op == "placeholder" and node not in index:
             continue
         is_arg = node.op == "placeholder"
         owner = None if is_arg else _owner(node.target, root, imp.gm)
         watched.append(Watched(_label(node), index[node] if is_arg else None, None if is_arg else node.target,
-                               owner, refold=node not in fixed, names=tuple(names.get(node, ()))))
+                               owner, refold=node not in fixed, names=tuple(names.get(node, ())),
+                               direct=node in direct))
     targets = {name: folded_target(name) for name in program.outputs}
     return GuardedGraph(fast, original, watched, program, targets, fixed_values, can_refold, example_inputs)
 

@@ -121,6 +121,32 @@ def test_export_capture_guards_weights_and_buffers():
     assert any("mask" in why and "relied on" in why for why in stats["original"]), stats
 
 
+def test_export_capture_follows_a_replaced_weight_and_trains():
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+
+        def forward(self, x):
+            split = lambda t: t.view(2, 5, 2, 8).transpose(1, 2)  # noqa: E731
+            w = torch.softmax(split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) / 8 ** 0.5, dim=-1)
+            return w @ split(self.v(x))
+
+    torch.manual_seed(0)
+    block, x = Block(), torch.randn(2, 5, 16)
+    reference = copy.deepcopy(block)
+    fast = graphopt.optimize(block, (x,), capture="export", **FAST)
+    assert fast.report.attention["fused"] == 1
+    (fast(x) ** 2).sum().backward()
+    (reference(x) ** 2).sum().backward()
+    for (name, p), q in zip(block.named_parameters(), reference.parameters()):
+        assert _close(p.grad, q.grad), name
+    block.k.weight = torch.nn.Parameter(torch.randn(16, 16))
+    with torch.no_grad():
+        assert _close(fast(x), block(x))
+    assert fast.stats()["optimized"] == 2
+
+
 # -- 2. autograd ----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("make", [_llama, _gpt2], ids=["llama", "gpt2"])
@@ -139,6 +165,27 @@ def test_gradients_equal_eager(make):
         assert p.grad is not None, name
         assert _close(p.grad, params[name].grad, tol=1e-4), name
     assert not fast.report.fallbacks
+
+
+def test_a_training_loop_through_the_optimized_module_then_inference():
+    """Optimizer steps change every weight in place: training matches eager step for step,
+    and the inference graph afterwards uses the trained weights (re-folded)."""
+    model = _llama(0)
+    reference = copy.deepcopy(model)
+    fast = graphopt.optimize(model, (IDS,), **FAST)
+    model.train(), reference.train()
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2) for m in (model, reference)]
+    for _ in range(3):
+        for m, opt in zip((fast, reference), optimizers):
+            opt.zero_grad()
+            m(IDS, labels=IDS).loss.backward()
+            opt.step()
+    model.eval(), reference.eval()
+    with torch.no_grad():
+        assert _close(fast(IDS).logits, reference(IDS).logits)
+    stats = fast.stats()
+    assert stats["optimized"] == stats["calls"] == 4, stats
+    assert _ops(fast, IDS)["sdpa"] == 2
 
 
 def test_gradient_wrt_input_and_sdpa_in_the_backward():
