@@ -286,13 +286,16 @@ class OptimizedModule(torch.nn.Module):
         ran = self._graph_stats() - before
         if not ran:
             self._calls["Dynamo ran the model eagerly (no captured graph ran)"] += 1
-        elif set(ran) == {"optimized"} or set(ran) == {"optimized", "refolded"}:
+        elif set(ran) <= _AS_OPTIMISED:
             self._calls["optimized"] += 1
         else:
-            for why in ran:
-                if why not in ("optimized", "refolded"):
-                    self._calls[why] += 1
+            for why in set(ran) - _AS_OPTIMISED:
+                self._calls[why] += 1
         return out
+
+
+# what a captured graph's run may say of a call that ran what graphopt made of the model
+_AS_OPTIMISED = {"optimized", "refolded", "nothing to optimise"}
 
 
 def _dispatch_mode():
