@@ -173,20 +173,9 @@ def expand_composites(mg) -> tuple:
             raise GraphoptError(f"internal error: the expansion of {node.op} changes its type")
         new.replace_uses((nid, 0), refs[-1])
         new.remove_dead({nid})
-        _reorder_after(new, nid, {r[0] for r in refs})
+        new.redirect_after({nid}, {r[0] for r in refs})
         count += 1
     return new, count
-
-
-def _reorder_after(mg, old: int, new_ids: set) -> None:
-    """Side effects that had to run after node ``old`` now run after the nodes replacing it."""
-    from .rewrite import MNode
-    for k, n in list(mg.nodes.items()):
-        if old in n.after:
-            after = tuple(sorted((set(n.after) - {old}) | (new_ids - {k})))
-            mg.nodes[k] = MNode(n.op, n.inputs, n.attrs, n.outs, n.name, n.payload, n.const, after)
-            mg._changes += 1
-            mg._levels = None
 
 
 def verify_against(frontend: Frontend, artifact) -> tuple:

@@ -53,6 +53,7 @@ class MGraph:
         self._levels: tuple | None = None
         self.constants: dict = {}        # const input name -> value (read by guarded rules)
         self._guard_ok: dict = {}        # (input name, guard) -> bool
+        self._ordered: set = set()       # ids of nodes with ordering deps (``MNode.after``)
 
     # -- building ------------------------------------------------------------------
     def add_node(self, node: MNode, intern: bool = True) -> int:
@@ -68,7 +69,21 @@ class MGraph:
             self.consumers.setdefault(v, set()).add((nid, pos))
         if node.op not in (INPUT, OPAQUE):
             self._intern[key] = nid
+        if node.after:
+            self._ordered.add(nid)
         return nid
+
+    def redirect_after(self, old: set, new: set) -> None:
+        """Nodes that had to run after one of ``old`` (side effects: a write after the reads
+        before it) now run after the nodes ``new`` that replace them."""
+        for k in sorted(self._ordered):
+            n = self.nodes.get(k)
+            if n is None or not old & set(n.after):
+                continue
+            after = tuple(sorted((set(n.after) - old) | (new - {k})))
+            self.nodes[k] = MNode(n.op, n.inputs, n.attrs, n.outs, n.name, n.payload, n.const, after)
+            self._changes += 1
+            self._levels = None
 
     @staticmethod
     def from_graph(graph: Graph) -> tuple:
@@ -106,6 +121,7 @@ class MGraph:
         new._intern = dict(self._intern)
         new._changes, new._levels = self._changes, self._levels  # same graph: caches stay valid
         new.constants, new._guard_ok = self.constants, self._guard_ok
+        new._ordered = set(self._ordered)
         return new
 
     def passes_guard(self, value, guard: str) -> bool:
@@ -528,7 +544,11 @@ def apply_match(mg: MGraph, match: Match, inplace: bool = False) -> MGraph | Non
     for old, repl in pairs:
         if old != repl:
             new.replace_uses(old, repl)
+    created = {v[0] for k, v in env.items() if k.startswith("%")}
     new.remove_dead(set(match.nodes.values()) | {v[0] for v in env.values()})
+    gone = {m for m in matched if m not in new.nodes}
+    if gone and new._ordered:   # a write that had to wait for a replaced read waits for its replacement
+        new.redirect_after(gone, created)
     return new
 
 

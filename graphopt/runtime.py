@@ -80,7 +80,8 @@ class GuardedGraph:
         self.can_refold = can_refold and program is not None and bool(program.outputs)
         self.can_rebind = can_refold
         self.stats: Counter = Counter()
-        self._grad_inputs = [w for w in watched if w.refold and w.names]
+        self._program_inputs = [w for w in watched if w.names]
+        self._grad_inputs = [w for w in self._program_inputs if w.refold]
         for w in watched:
             t = self._current(w, args)
             w.tensor, (w.version, w.ptr), w.meta = t, _state(t), _meta(t)
@@ -121,7 +122,7 @@ class GuardedGraph:
             why = self._changed(w, t)
             if why is not None:
                 return why
-            self._stale = self._stale or bool(w.names)   # (kept until the refold ran)
+            self._stale = self._stale or (w.refold and bool(w.names))   # (kept until the refold ran)
         if self._stale and refold:
             self._refold(args)
             self._stale = False
@@ -166,7 +167,7 @@ class GuardedGraph:
 
     def _values(self, args, detach: bool) -> dict:
         values = dict(self.fixed_values)
-        for w in self._grad_inputs:
+        for w in self._program_inputs:
             t = self._current(w, args)
             for name in w.names:
                 values[name] = t.detach() if detach else t

@@ -54,9 +54,13 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
         if ph in imp.ref_of:
             ref_env[imp.ref_of[ph]] = n
     for inp in graph.inputs:
-        if not inp.const:
-            continue
         old = ref_of_name.get(inp.name)
+        if not inp.const:
+            if old is not None and old.op == "get_attr":  # a buffer the graph writes (a cache)
+                attrs[old.target] = fetch_attr(imp.gm, old.target)
+                ref_env[inp.name] = fx_env[old] = new.get_attr(old.target)
+                ref_env[inp.name].meta = dict(old.meta)
+            continue
         if old is not None and old.op == "placeholder":
             continue  # a weight Dynamo passes per call: read it from there (it may change)
         target = old.target if old is not None and old.op == "get_attr" else folded_target(inp.name)
