@@ -144,7 +144,13 @@ def _sdpa_masked_infer(shapes, dtypes, attrs):
 
 def _sdpa_masked_lower(t, a):
     q, k, v, m, s = t
-    return [F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=float(s), enable_gqa=a["enable_gqa"])]
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=float(s), enable_gqa=a["enable_gqa"])
+    if m.is_floating_point():
+        # a query whose keys are all masked with -inf: eager softmax gives NaN for its row, torch's
+        # SDPA gives 0; keep eager's answer (found by the differential fuzzer, tests/test_fuzz.py)
+        dead = torch.isneginf(m).all(-1, keepdim=True)
+        out = out.masked_fill(dead, float("nan"))
+    return [out]
 
 
 sdpa_masked = register(OpDef(
