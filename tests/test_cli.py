@@ -165,6 +165,7 @@ def test_optimize_text_report(cli, tmp_path):
     assert proc.returncode == 0, proc.stderr
     for needle in ("rules applied", "cost (model)", "latency", "max |optimized - original|"):
         assert needle in proc.stdout
+    assert "FALLBACK" not in proc.stdout and "rules applied  none" not in proc.stdout, proc.stdout
 
 
 def test_optimize_with_a_user_rule_file(cli, tmp_path):

@@ -126,10 +126,21 @@ def test_symbolic_graph_is_an_error(model):
 # -- roofline ----------------------------------------------------------------------------
 
 def test_roofline_deterministic(cache_dir):
-    a, b = RooflineCost("cpu", cache_dir=cache_dir), RooflineCost("cpu", cache_dir=cache_dir)
+    """A graph costs the same on every instance whatever was priced before: the per-op memo
+    answers only for the same op, shapes, dtype and attributes."""
     g = mlp_graph()
-    assert a.node_costs(g) == b.node_costs(g) == a.node_costs(g)
-    assert RooflineCost("h100").graph_cost(g) == RooflineCost("h100").graph_cost(g)
+    for device in ("cpu", "h100"):
+        fresh = RooflineCost(device, cache_dir=cache_dir)
+        expected = fresh.node_costs(g)
+        used = RooflineCost(device, cache_dir=cache_dir)
+        for other in (mlp_graph(8, 8, 8), mlp_graph(32, 16, 64)):   # the same ops, other shapes
+            assert used.node_costs(other) != expected
+        half = Graph()
+        half.add_input("x", [64, 128], "float16")
+        half.add_input("w", [128, 256], "float16")
+        half.outputs = [half.add("relu", half.add("matmul", "x", "w"))]
+        assert used.node_costs(half) != expected                    # the same shapes, another dtype
+        assert used.node_costs(g) == expected == fresh.node_costs(g)
 
 
 def test_roofline_formula():
@@ -211,4 +222,4 @@ def test_get_cost_model(tmp_path):
     with pytest.raises(GraphoptError, match="unknown cost model 'magic'.*measured.*roofline") as e:
         get_cost_model("magic")
     assert "\n" not in str(e.value)
-    assert cost_models.__all__
+    assert cost_models.__all__ and all(hasattr(cost_models, name) for name in cost_models.__all__)

@@ -103,19 +103,26 @@ def test_unknown_ops_are_carried_through():
 
 
 def test_dynamic_shapes_stay_opaque():
-    """With symbolic sizes the IR tracks nothing it cannot size; the graph still runs."""
+    """With symbolic sizes the IR tracks nothing it cannot size (the ops on the symbolic
+    length stay opaque); the graph still runs."""
     model = Block().eval()
     seen = []
 
     def backend(gm, example_inputs):
         imp = import_fx(gm)
-        seen.append(imp)
+        seen.append((imp, any(isinstance(t, torch.SymInt) for t in example_inputs)))
         return export_fx(imp)
     compiled = torch.compile(model, backend=backend, dynamic=True)
     for t in (5, 7):
         x = torch.randn(2, t, 16)
         _assert_same(compiled(x), model(x))
-    assert seen
+    assert seen and all(symbolic for _, symbolic in seen), seen   # captured with a symbolic length
+    for imp, _ in seen:
+        ops = [n.op for n in imp.graph.nodes]
+        assert "matmul" not in ops and imp.counts["opaque"] >= 2, ops   # the (B, T, T) scores included
+        for node in imp.graph.nodes:
+            if node.op != OPAQUE:
+                assert all(d.is_const for shape, _ in node.outs for d in shape), node
 
 
 def test_getitem_of_split_maps_to_outputs():

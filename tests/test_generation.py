@@ -1,5 +1,6 @@
 """Greedy generation with Hugging Face GPT-2 (small config, random weights, nothing downloaded)
-whose forward goes through ``torch.compile(backend="graphopt")``: the same tokens as eager, with
+whose forward goes through ``torch.compile(backend="graphopt")``: the same tokens as eager, and the
+same logits at every step (a small numeric error rarely changes a tiny random model's argmax), with
 a static and with the default dynamic KV cache, and the attention of the captured graphs fused
 into SDPA."""
 import pytest
@@ -10,6 +11,7 @@ from graphopt.optimize import LAST_REPORTS
 transformers = pytest.importorskip("transformers")
 
 PROMPT_LEN, NEW_TOKENS = 8, 12
+LOGITS_TOL = dict(rtol=1e-5, atol=1e-6)   # float32: SDPA sums in another order (about 1e-7 here)
 
 
 def _model():
@@ -21,7 +23,8 @@ def _model():
 
 def _generate(model, ids, cache_implementation):
     kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0,
-                  attention_mask=torch.ones_like(ids))   # no padding; silences HF's warning
+                  attention_mask=torch.ones_like(ids),   # no padding; silences HF's warning
+                  output_logits=True, return_dict_in_generate=True)
     if cache_implementation is not None:
         kwargs["cache_implementation"] = cache_implementation
     with torch.no_grad():
@@ -29,7 +32,8 @@ def _generate(model, ids, cache_implementation):
 
 
 def _eager_and_compiled(cache_implementation):
-    """(eager tokens, graphopt tokens, reports of the graphs compiled while generating)."""
+    """(eager output, graphopt output, reports of the graphs compiled while generating); each
+    output has ``.sequences`` (the tokens) and ``.logits`` (one tensor per generated token)."""
     model = _model()
     ids = torch.randint(1, 128, (2, PROMPT_LEN), generator=torch.Generator().manual_seed(1))
     expected = _generate(model, ids, cache_implementation)
@@ -44,10 +48,18 @@ def _eager_and_compiled(cache_implementation):
     return expected, got, reports
 
 
+def _assert_same_generation(got, expected):
+    """The same tokens, and the same logits at every step."""
+    assert expected.sequences.shape == (2, PROMPT_LEN + NEW_TOKENS)
+    assert torch.equal(got.sequences, expected.sequences), (got.sequences, expected.sequences)
+    assert len(got.logits) == len(expected.logits) == NEW_TOKENS
+    for step, (a, b) in enumerate(zip(got.logits, expected.logits)):
+        torch.testing.assert_close(a, b, **LOGITS_TOL, msg=lambda m, step=step: f"step {step}: {m}")
+
+
 def test_greedy_generation_with_static_cache():
     expected, got, reports = _eager_and_compiled("static")
-    assert expected.shape == (2, PROMPT_LEN + NEW_TOKENS)
-    assert torch.equal(got, expected), (got, expected)
+    _assert_same_generation(got, expected)
     assert len(reports) >= 2, reports   # prefill and the decode step
     for report in reports:
         assert not report.fallbacks, report
@@ -56,8 +68,7 @@ def test_greedy_generation_with_static_cache():
 
 def test_greedy_generation_with_dynamic_cache():
     expected, got, reports = _eager_and_compiled(None)
-    assert expected.shape == (2, PROMPT_LEN + NEW_TOKENS)
-    assert torch.equal(got, expected), (got, expected)
+    _assert_same_generation(got, expected)
     assert reports, "nothing was compiled"
     prefill = reports[0]
     assert not prefill.fallbacks, prefill

@@ -100,17 +100,29 @@ def test_wrong_rule_falls_back(tmp_path):
         _close(fast(*inputs), model(*inputs))
 
 
-def test_torch_compile_backend_and_inductor():
+def test_torch_compile_backend_and_inductor(monkeypatch):
+    """The backend is registered at import; each compile below runs it afresh (no code cached
+    and no report left by an earlier test), rewrites the graph without a fallback and, with
+    ``inductor``, hands the result to inductor."""
+    from torch._inductor import compile_fx as inductor
+    from graphopt.optimize import LAST_REPORTS
+    assert "graphopt" in torch._dynamo.list_backends(exclude_tags=())
+    real, to_inductor = inductor.compile_fx, []
+    monkeypatch.setattr(inductor, "compile_fx", lambda gm, *a, **k: to_inductor.append(gm) or real(gm, *a, **k))
     model, inputs = _model("gpt2")
-    with torch.no_grad():
-        ref = model(*inputs)
-        out = torch.compile(model, backend="graphopt")(*inputs)
-        _close(out, ref)
-        assert graphopt.optimize.__module__  # registered at import
-        from graphopt.optimize import LAST_REPORTS
-        assert LAST_REPORTS and LAST_REPORTS[-1].graphs
-        chained = torch.compile(model, backend="graphopt", options={"inductor": True})(*inputs)
-        _close(chained, ref)
+    try:
+        with torch.no_grad():
+            ref = model(*inputs)
+            for options in (None, {"inductor": True}):
+                torch._dynamo.reset()
+                LAST_REPORTS.clear()
+                _close(torch.compile(model, backend="graphopt", options=options)(*inputs), ref)
+                assert LAST_REPORTS, "the graphopt backend was not called"
+                for rep in LAST_REPORTS:
+                    assert rep.graphs and rep.applied and not rep.fallbacks, rep
+                assert len(to_inductor) == (len(LAST_REPORTS) if options else 0), (options, to_inductor)
+    finally:
+        torch._dynamo.reset()
 
 
 def test_graph_breaks_and_unknown_ops():
@@ -128,6 +140,7 @@ def test_graph_breaks_and_unknown_ops():
     model, x = Odd(), torch.randn(3, 8)
     fast = graphopt.optimize(model, (x,))
     assert len(fast.report.graphs) >= 2
+    assert not fast.report.fallbacks, fast.report   # the unknown op stays opaque: no failure
     with torch.no_grad():
         for t in (x, -x):
             _close(fast(t), model(t))

@@ -147,6 +147,7 @@ def test_a_user_rule_file_is_applied(tmp_path):
     assert not fast.report.fallbacks
     torch.testing.assert_close(fast(x), N()(x))
     plain = graphopt.optimize(N(), (x,))
+    assert not plain.report.fallbacks, plain.report   # not applied, and not applied then rolled back
     assert rule.id + "+" not in plain.report.applied
 
 
@@ -171,32 +172,47 @@ def test_schedule_option_changes_what_runs():
     model, inputs = example("gpt2", seq_len=16, layers=1)
     search_only = [Phase("search", "backtracking", ("generated",))]
     rep = graphopt.optimize(model, inputs, schedule=search_only, rulesets=("generated",)).report
-    assert rep.attention["fused"] == 0 and list(rep.to_json()["phases"]) == ["search"]
+    assert not rep.fallbacks, rep   # not fused, and not fused then rolled back
+    assert rep.attention["blocks"] == 1 and rep.attention["fused"] == 0, rep
+    assert list(rep.to_json()["phases"]) == ["search"]
     assert DEFAULT_SCHEDULE[0].name == "canonicalise"
 
 
 # -- found in review: the expansion and aliases never change what is computed -------------------
 
 class _ReadThenWrite(torch.nn.Module):
-    """A bias-free linear reads a buffer that is then updated in place."""
+    """A bias-free linear reads a buffer that is then updated in place; the double negation
+    is rewritten, so the optimised graph (with the linear expanded) is what runs."""
 
-    def __init__(self):
+    def __init__(self, form="linear-of-sum"):
         super().__init__()
+        self.form = form
         self.register_buffer("h", torch.zeros(1, 16))
         self.w = torch.nn.Parameter(torch.randn(8, 16))
 
     def forward(self, x):
-        y = torch.nn.functional.linear(self.h + x, self.w)
+        F = torch.nn.functional
+        if self.form == "linear-of-sum":
+            y = F.linear(self.h + x, self.w)
+        else:                                   # the expanded linear reads the buffer itself
+            y = F.linear(self.h, self.w) + F.linear(x, self.w)
         self.h.mul_(0.5).add_(1.0)
-        return y
+        return -(-y)
 
 
-@pytest.mark.parametrize("capture", ["dynamo", "export"])
-def test_expanded_linear_keeps_its_place_before_a_later_write(capture):
-    model, ref = _ReadThenWrite(), _ReadThenWrite()
+@pytest.mark.parametrize("capture, form", [
+    ("dynamo", "linear-of-sum"),
+    ("export", "linear-of-sum"),
+    ("dynamo", "sum-of-linears"),
+    ("export", "sum-of-linears"),
+])
+def test_expanded_linear_keeps_its_place_before_a_later_write(capture, form):
+    model, ref = _ReadThenWrite(form), _ReadThenWrite(form)
     ref.load_state_dict(model.state_dict())
     x = torch.randn(1, 16)
     fast = graphopt.optimize(model, (x,), capture=capture)
+    assert not fast.report.fallbacks, fast.report   # the rewritten graph runs, not the original
+    assert fast.report.applied, fast.report
     model.h.zero_()
     ref.h.zero_()
     with torch.no_grad():
