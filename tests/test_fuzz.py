@@ -176,3 +176,14 @@ def test_read_between_two_in_place_writes_keeps_its_value():
         ok, _, why = fuzz.compare(model(x), fast(x))
     assert ok, why
     assert not fast.report.fallbacks, fast.report.fallbacks
+
+
+def test_a_model_without_ops_is_refused_on_both_paths_not_counted_wrong():
+    """Fuzz seed 2, case 1032 (``return x2``): Dynamo captures no graph, graphopt.optimize
+    refuses the model with a GraphoptError and the backend is never called; the outputs
+    of torch.compile are still the model's."""
+    case = fuzz.make_case(2, 1032)
+    assert "return x2" in case.source
+    res = fuzz.run_case(case, CI_OPTIONS)
+    assert res["status"] == "rejected", res
+    assert all(p.startswith(("optimize: rejected", "compile: rejected")) for p in res["problems"]), res
