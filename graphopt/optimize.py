@@ -55,6 +55,7 @@ class Backend:
         self.report.graphs.append(rep)
         from .runtime import CountingGraph, GuardedGraph
         if isinstance(out, GuardedGraph):
+            out.stats.clear()   # (the verifier's runs are not calls)
             self.modules.append(out.fast)
             if opts.inductor:
                 from torch._inductor.compile_fx import compile_fx
@@ -105,14 +106,29 @@ class FxFrontend:
         """One call on copies of the inputs (a graph may update them in place: a KV cache,
         a position counter), with the module state it writes put back afterwards."""
         from .frontends.fx import fetch_attr, mutated_roots
+        from .runtime import GuardedGraph
         state = [fetch_attr(self.original, n.target) for n in mutated_roots(self.original) if n.op == "get_attr"]
         saved = [t.clone() for t in state]
+        before = Counter(module.stats) if isinstance(module, GuardedGraph) else None
         try:   # the same random numbers for both versions: dropout in training mode stays
             with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
                 torch.manual_seed(self.opts.seed)
-                return _flatten(module(*_copies(inputs)))
+                out = _flatten(module(*_copies(inputs, self._constants())))
         finally:
             _restore(state, saved)
+        if before is not None and (module.stats - before).keys() - {"optimized", "refolded"}:
+            # the guard ran the original: comparing it with itself would prove nothing
+            why = next(iter((module.stats - before).keys() - {"optimized", "refolded"}))
+            raise GraphoptError(f"the optimised graph's guard fell back during verification ({why})")
+        return out
+
+    def _constants(self) -> set:
+        """Positions of the placeholders whose values are known (weights, unwritten buffers)."""
+        if not hasattr(self, "_constant_positions"):
+            known = _parameters(self.original, self.example_inputs)
+            phs = [n for n in self.original.graph.nodes if n.op == "placeholder"]
+            self._constant_positions = {k for k, ph in enumerate(phs) if ph in known}
+        return self._constant_positions
 
 
 def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=None):
@@ -213,9 +229,11 @@ def _restore(state, saved) -> None:
             t.copy_(s)
 
 
-def _copies(args) -> list:
-    return [t.clone() if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter) else t
-            for t in args]
+def _copies(args, constants=frozenset()) -> list:
+    """Copies of the inputs a call may write to (weights and unwritten buffers are passed
+    as they are: the optimised graph's guard watches their identity)."""
+    return [t.clone() if isinstance(t, torch.Tensor) and not isinstance(t, torch.nn.Parameter)
+            and k not in constants else t for k, t in enumerate(args)]
 
 
 def _flatten(x) -> list:
@@ -236,6 +254,9 @@ class OptimizedModule(torch.nn.Module):
         self._backend = backend
         self._capture = capture
         self._calls: Counter = Counter()
+        # torch.export specialises on each submodule's training flag (dropout, batch norm);
+        # Dynamo guards on it itself
+        self._modes = _training_flags(model) if capture == "export" else None
 
     @property
     def report(self) -> Report:
@@ -277,16 +298,23 @@ class OptimizedModule(torch.nn.Module):
             self._calls[f"a dispatch mode ({type(mode).__name__}) was active: the model ran eagerly"] += 1
             with torch.compiler.set_stance("force_eager"):
                 return self._original[0](*args, **kwargs)
+        if self._modes is not None and _training_flags(self._original[0]) != self._modes:
+            self._calls["the model's train/eval mode changed since the export capture: the model ran"] += 1
+            return self._original[0](*args, **kwargs)
         before = self._graph_stats()
-        if self._capture == "dynamo":
-            with _recompile_limits():
+        try:
+            if self._capture == "dynamo":
+                with _recompile_limits():
+                    out = self._compiled(*args, **kwargs)
+            else:
                 out = self._compiled(*args, **kwargs)
-        else:
-            out = self._compiled(*args, **kwargs)
+        except Exception:
+            self._calls["raised an error"] += 1
+            raise
         ran = self._graph_stats() - before
         if not ran:
             self._calls["Dynamo ran the model eagerly (no captured graph ran)"] += 1
-        elif set(ran) <= _AS_OPTIMISED:
+        elif set(ran) <= _AS_OPTIMISED | _UNCHANGED and set(ran) & _AS_OPTIMISED:
             self._calls["optimized"] += 1
         else:
             for why in set(ran) - _AS_OPTIMISED:
@@ -294,8 +322,14 @@ class OptimizedModule(torch.nn.Module):
         return out
 
 
-# what a captured graph's run may say of a call that ran what graphopt made of the model
-_AS_OPTIMISED = {"optimized", "refolded", "nothing to optimise"}
+# what a captured graph's run says when it ran the optimised graph; and when it ran the
+# original because no rewrite applied to it (a call counts as optimised if some graph was)
+_AS_OPTIMISED = {"optimized", "refolded"}
+_UNCHANGED = {"nothing to optimise"}
+
+
+def _training_flags(model) -> tuple:
+    return tuple(m.training for m in model.modules()) if isinstance(model, torch.nn.Module) else ()
 
 
 def _dispatch_mode():

@@ -43,6 +43,7 @@ class Watched:
     root: object = None     # the module ``target`` is read from
     refold: bool = True     # feeds folded constants only (False: its value was relied on)
     names: tuple = ()       # the IR constant inputs it is (for the fold program)
+    tied: tuple = ()        # other attribute paths of ``root`` that hold the same tensor
     direct: bool = False    # the optimised module holds it as its own attribute ``target``
     tensor: torch.Tensor | None = None
     version: int = 0
@@ -52,7 +53,9 @@ class Watched:
 
 
 def _state(t) -> tuple:
-    return t._version, t.data_ptr()
+    # an inference tensor (made under torch.inference_mode) has no version counter: None,
+    # which never matches, so it is looked at again at every call
+    return (None if t.is_inference() else t._version), t.data_ptr()
 
 
 def _meta(t) -> tuple:
@@ -82,6 +85,7 @@ class GuardedGraph:
         self.stats: Counter = Counter()
         self._program_inputs = [w for w in watched if w.names]
         self._grad_inputs = [w for w in self._program_inputs if w.refold]
+        self._fixed = [w for w in watched if not w.refold]
         for w in watched:
             t = self._current(w, args)
             w.tensor, (w.version, w.ptr), w.meta = t, _state(t), _meta(t)
@@ -93,10 +97,7 @@ class GuardedGraph:
     def _current(self, w: Watched, args):
         if w.index is not None:
             return args[w.index]
-        obj = w.root
-        for part in w.target.split("."):
-            obj = getattr(obj, part)
-        return obj
+        return _lookup(w.root, w.target)
 
     def __call__(self, *args, **kwargs):
         grad = torch.is_grad_enabled() and self._grad_inputs and any(
@@ -104,11 +105,19 @@ class GuardedGraph:
         why = self.check(args, refold=not grad)
         if why is None and grad and not self.can_refold:
             why = "gradients are needed through folded weights compiled into the graph"
+        if why is None and torch.is_grad_enabled() and self._fixed:
+            needs = next((w for w in self._fixed if self._current(w, args).requires_grad), None)
+            if needs is not None:   # (a learnable scale written into the code as a number)
+                why = f"gradients are needed for {needs.label}, whose value the optimised graph holds fixed"
         if why is not None:
             self.stats[why] += 1
             return self.original(*args, **kwargs)
         if grad:
-            return self._with_grad(args, kwargs)
+            try:
+                return self._with_grad(args, kwargs)
+            except _Unfoldable as e:
+                self.stats[str(e)] += 1
+                return self.original(*args, **kwargs)
         self.stats["optimized"] += 1
         return self.fast(*args, **kwargs)
 
@@ -117,14 +126,17 @@ class GuardedGraph:
         folded constants are computed again first if a weight changed), else why not."""
         for w in self.watched:
             t = self._current(w, args)
-            if t is w.tensor and t._version == w.version and t.data_ptr() == w.ptr:
+            if t is w.tensor and w.version is not None and t._version == w.version and t.data_ptr() == w.ptr:
                 continue
             why = self._changed(w, t)
             if why is not None:
                 return why
             self._stale = self._stale or (w.refold and bool(w.names))   # (kept until the refold ran)
         if self._stale and refold:
-            self._refold(args)
+            try:
+                self._refold(args)
+            except _Unfoldable as e:
+                return str(e)
             self._stale = False
         return None
 
@@ -132,11 +144,13 @@ class GuardedGraph:
         """None when the change can be followed (the new state is recorded), else why not."""
         state = (t, *_state(t))
         bad = self._bad.get(w.label)
-        if bad is not None and bad[0] is t and bad[1:] == state[1:]:
+        if bad is not None and bad[0] is t and bad[1:3] == state[1:] and state[1] is not None:
             return bad[3]
         why = None
         if not isinstance(t, torch.Tensor) or _meta(t) != w.meta:
             why = f"{w.label} changed shape, dtype or device"
+        elif w.index is None and t is not w.tensor and w.tied:
+            why = f"{w.label} was replaced, and it was one tensor with {', '.join(w.tied) or 'another weight'}"
         elif w.index is None and t is not w.tensor and not self._rebind(w, t):
             why = f"{w.label} was replaced by another tensor, which the optimised module cannot read"
         elif not w.refold:
@@ -173,18 +187,27 @@ class GuardedGraph:
                 values[name] = t.detach() if detach else t
         return values
 
+    def _fold(self, args, detach: bool) -> dict:
+        """The folded constants from the weights' values now, computed as at optimisation
+        time: without autocast or inference mode, and of the same types."""
+        with _plain_mode(grad=not detach):
+            new = self.program.run(self._values(args, detach=detach))
+        for name, value in new.items():
+            old = getattr(self.fast, self.targets[name])
+            if value.shape != old.shape or value.dtype != old.dtype or value.device != old.device:
+                raise _Unfoldable(f"the folded constant {name} would change type")
+        return new
+
     def _refold(self, args) -> None:
         """The folded constants again, from the weights' new values."""
-        with torch.no_grad():
-            new = self.program.run(self._values(args, detach=True))
-        for name, value in new.items():
+        for name, value in self._fold(args, detach=True).items():
             setattr(self.fast, self.targets[name], value)
         self.stats["refolded"] += 1
 
     def _with_grad(self, args, kwargs):
         """A call that gradients flow through: the folded constants computed from the live
         weights for this call (then the cached ones are put back)."""
-        live = self.program.run(self._values(args, detach=False))
+        live = self._fold(args, detach=False)
         saved = {name: getattr(self.fast, self.targets[name]) for name in live}
         try:
             for name, value in live.items():
@@ -194,6 +217,23 @@ class GuardedGraph:
         finally:
             for name, value in saved.items():
                 setattr(self.fast, self.targets[name], value)
+
+
+class _Unfoldable(Exception):
+    pass
+
+
+def _plain_mode(grad: bool):
+    """No autocast and no inference mode (a refold under either would store constants of
+    another dtype, or inference tensors that a later backward cannot use)."""
+    import contextlib
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.inference_mode(False))
+    stack.enter_context(torch.enable_grad() if grad else torch.no_grad())
+    for device in ("cpu", "cuda"):
+        if device == "cpu" or torch.cuda.is_available():
+            stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
 
 
 class CountingGraph:
@@ -262,8 +302,8 @@ def guard_fx(imp, graph, fast, original, example_inputs, root=None, can_refold: 
             fixed |= resolve(name)
     # weights the optimised module reads as its own attributes: another tensor assigned to
     # the model's attribute (with torch.export capture) is not seen by it, so it is watched
-    direct = {node_of[i.name] for i in graph.inputs if i.const and i.name in node_of
-              and node_of[i.name].op == "get_attr"}
+    direct = {node_of[i.name] for i in graph.inputs if i.name in node_of and node_of[i.name].op == "get_attr"}
+    # (with the buffers the graph writes: a new tensor assigned to one is written from then on)
     watched = []
     for node in sorted(fixed | set(names) | direct, key=lambda n: n.name):
         if node.op == "placeholder" and node not in index:
@@ -273,8 +313,41 @@ def guard_fx(imp, graph, fast, original, example_inputs, root=None, can_refold: 
         watched.append(Watched(_label(node), index[node] if is_arg else None, None if is_arg else node.target,
                                owner, refold=node not in fixed, names=tuple(names.get(node, ())),
                                direct=node in direct))
+    _watch_tied(watched, root)
     targets = {name: folded_target(name) for name in program.outputs}
     return GuardedGraph(fast, original, watched, program, targets, fixed_values, can_refold, example_inputs)
+
+
+def _watch_tied(watched: list, root) -> None:
+    """Tied weights (GPT-2's ``lm_head.weight is transformer.wte.weight``): torch.export
+    reads them through one path.  Every path of the model that holds a watched tensor is
+    watched; when one of them is replaced, they are no longer one tensor, which the graph
+    cannot express, and the model runs instead."""
+    if not isinstance(root, torch.nn.Module):
+        return
+    paths: dict = {}
+    for name, t in [*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)]:
+        paths.setdefault(id(t), []).append(name)
+    have = {w.target for w in watched if w.target is not None}
+    for w in list(watched):
+        if w.target is None or w.root is not root:
+            continue
+        t = _lookup(root, w.target)
+        others = tuple(p for p in paths.get(id(t), ()) if p != w.target)
+        if not others:
+            continue
+        w.tied = others
+        for p in others:
+            if p not in have:
+                have.add(p)
+                watched.append(Watched(p, None, p, root, refold=w.refold, tied=(w.target,)))
+
+
+def _lookup(root, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def _owner(target: str, *roots):

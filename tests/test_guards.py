@@ -360,3 +360,122 @@ def test_a_mask_computed_from_an_attention_mask_input_is_verified_with_zeros():
         ok, _, why = compare_outputs([model(IDS, attention_mask=padded).logits],
                                      [fast(IDS, padded).logits])
     assert ok, why
+
+
+# -- found by a review of the guard ---------------------------------------------------------
+
+class _Attention(torch.nn.Module):
+    """q/k/v projections and a learnable temperature, which becomes SDPA's scale."""
+
+    def __init__(self, causal_buffer: int = 0):
+        super().__init__()
+        self.q, self.k, self.v = (torch.nn.Linear(16, 16) for _ in range(3))
+        self.temp = torch.nn.Parameter(torch.tensor(0.25))
+        if causal_buffer:
+            self.register_buffer("mask", torch.ones(causal_buffer, causal_buffer, dtype=torch.bool).tril())
+
+    def forward(self, x):
+        split = lambda t: t.view(2, 5, 2, 8).transpose(1, 2)  # noqa: E731
+        scores = split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) * self.temp
+        if hasattr(self, "mask"):
+            scores = scores.masked_fill(~self.mask[:5, :5], float("-inf"))
+        return torch.softmax(scores, dim=-1) @ split(self.v(x))
+
+
+def test_a_learnable_scale_written_as_a_number_still_gets_its_gradient():
+    torch.manual_seed(0)
+    block, x = _Attention(), torch.randn(2, 5, 16)
+    reference = copy.deepcopy(block)
+    fast = graphopt.optimize(block, (x,), **FAST)
+    assert fast.report.attention["fused"] == 1
+    fast(x).sum().backward()
+    reference(x).sum().backward()
+    assert block.temp.grad is not None and _close(block.temp.grad, reference.temp.grad)
+    assert any("temp" in why and "gradients" in why for why in fast.stats()["original"]), fast.stats()
+    with torch.no_grad():
+        assert _ops(fast, x)["sdpa"] == 1       # inference still runs the fused graph
+
+
+def test_the_verifier_runs_the_optimized_graph_whatever_the_buffer_size(monkeypatch):
+    """A relied-on buffer too large to copy: the trials must still run the optimised graph
+    (they once ran the original on a copy of the buffer, and compared it with itself)."""
+    from graphopt import runtime
+    from graphopt.ops import get_op
+    monkeypatch.setattr(runtime, "MAX_SNAPSHOT_NUMEL", 0)
+    sdpa = get_op("sdpa")
+    real = sdpa.lower
+    monkeypatch.setitem(sdpa.__dict__, "lower", lambda t, a: [real(t, a)[0] + 1.0])
+    torch.manual_seed(0)
+    block, x = _Attention(causal_buffer=8).eval(), torch.randn(2, 5, 16)
+    block.temp.requires_grad_(False)
+    fast = graphopt.optimize(block, (x,), **FAST)
+    assert fast.report.fallbacks and "verification failed" in fast.report.fallbacks[0], fast.report
+    with torch.no_grad():
+        assert _close(fast(x), block(x))
+
+
+def test_export_capture_of_tied_weights_untied_later():
+    model = _gpt2(0)
+    model.config.use_cache = False             # (torch.export cannot return a DynamicCache)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    fast = graphopt.optimize(model, (IDS,), capture="export", **FAST)
+    with torch.no_grad():
+        model.transformer.wte.weight = torch.nn.Parameter(torch.randn_like(model.lm_head.weight))
+        assert _close(fast(IDS).logits, model(IDS).logits)
+    assert any("one tensor with" in why for why in fast.stats()["original"]), fast.stats()
+
+
+class _Mlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 64, bias=False), torch.nn.Linear(64, 4, bias=False)
+        self.drop = torch.nn.Dropout(0.5)
+        self.register_buffer("count", torch.zeros(()))
+
+    def forward(self, x):
+        self.count.add_(1)
+        return self.drop(self.b(self.a(x))) + self.count
+
+
+def test_export_capture_refold_under_autocast_and_inference_mode():
+    """A refold happens at the first call after a change, whatever mode that call is in:
+    the folded constants are still computed as at optimisation time."""
+    torch.manual_seed(0)
+    mlp, x = _Mlp().eval(), torch.randn(3, 16)
+    fast = graphopt.optimize(mlp, (x,), capture="export", **FAST)
+    assert fast.report.to_json()["folded_constants"] >= 1, fast.report   # b(a(x)) = x @ (A^T B^T)
+    with torch.no_grad():
+        mlp.a.weight.mul_(1.5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        fast(x)
+    with torch.inference_mode():
+        mlp.a.weight.mul_(0.5)
+        fast(x)
+    xg = x.clone().requires_grad_()
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    out = fast(xg)
+    out.sum().backward()                        # no inference tensor in the way
+    expected = mlp.b(mlp.a(x)) + mlp.count
+    assert _close(out.detach(), expected.detach())
+
+
+def test_export_capture_notices_train_mode_and_a_replaced_written_buffer():
+    torch.manual_seed(0)
+    mlp, x = _Mlp().eval(), torch.randn(3, 16)
+    fast = graphopt.optimize(mlp, (x,), capture="export", **FAST)
+    with torch.no_grad():
+        mlp.count.zero_()
+        assert _close(fast(x), mlp(x) - 1)      # (each call counts)
+        mlp.train()
+        torch.manual_seed(1)
+        got = fast(x)
+        torch.manual_seed(1)
+        expected = mlp(x)
+        assert _close(got, expected - 1)        # the same dropout mask; one count fewer
+        assert ((got - (mlp.count - 1)) == 0).float().mean() > 0.2   # dropout did run
+        mlp.eval()
+        mlp.count = torch.zeros(())
+        fast(x)
+        assert mlp.count.item() == 1            # the new buffer is the one written
+    assert any("train/eval" in why for why in fast.stats()["original"]), fast.stats()
