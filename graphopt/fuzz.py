@@ -451,21 +451,15 @@ def _mask(b: _Builder, a: str, kind: str, B, H, T, S, cache) -> str:
     mstr = ", ".join(map(str, mshape))
     order = r.random() < 0.8     # scores + mask, else mask + scores
     add = (lambda m: f"{a} + {m}") if order else (lambda m: f"{m} + {a}")
-    if kind == "causal-inf":
-        m = b.buffer(f"torch.full(({T}, {S}), float('-inf')).triu(1).view({mstr})", "mask")
-        return b.emit(add(m), shape, prefix="scores")
-    if kind == "bottom-right":
-        m = b.buffer(f"torch.full(({T}, {S}), float('-inf')).triu({S - T + 1}).view({mstr})", "mask")
-        return b.emit(add(m), shape, prefix="scores")
-    if kind == "causal-min":
-        m = b.buffer(f"torch.full(({T}, {S}), torch.finfo(torch.{_dt(b)}).min).triu(1).view({mstr})", "mask")
-        return b.emit(add(m), shape, prefix="scores")
-    if kind == "zeros":
-        m = b.buffer(f"torch.zeros({mstr})", "mask")
-        return b.emit(add(m), shape, prefix="scores")
-    if kind == "random-buffer":
-        m = b.buffer(f"torch.randn({mstr})", "mask")
-        return b.emit(add(m), shape, prefix="scores")
+    additive = {   # mask buffers added to the scores
+        "causal-inf": f"torch.full(({T}, {S}), float('-inf')).triu(1).view({mstr})",
+        "bottom-right": f"torch.full(({T}, {S}), float('-inf')).triu({S - T + 1}).view({mstr})",
+        "causal-min": f"torch.full(({T}, {S}), torch.finfo(torch.{_dt(b)}).min).triu(1).view({mstr})",
+        "zeros": f"torch.zeros({mstr})",
+        "random-buffer": f"torch.randn({mstr})",
+    }
+    if kind in additive:
+        return b.emit(add(b.buffer(additive[kind], "mask")), shape, prefix="scores")
     if kind == "causal-where":
         m = b.buffer(f"torch.ones({T}, {S}, dtype=torch.bool).tril().view({mstr})", "causal")
         return b.emit(f"torch.where({m}, {a}, torch.finfo({a}.dtype).min)", shape, prefix="scores")

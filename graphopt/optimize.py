@@ -47,6 +47,7 @@ class Backend:
         self.options = Options.of(options)
         self.report = Report()
         self.modules: list = []
+        self.ran: Counter = Counter()   # what the graphs ran since it was last cleared (one call)
 
     def __call__(self, gm, example_inputs, **kwargs):
         opts = self.options if not kwargs.get("options") else Options.of(kwargs["options"])
@@ -58,17 +59,19 @@ class Backend:
             out.stats.clear()   # (the verifier's runs are not calls)
             self.modules.append(out.fast)
             if opts.inductor:
-                from torch._inductor.compile_fx import compile_fx
-                out.fast, out.can_refold, out.can_rebind = compile_fx(out.fast, example_inputs), False, False
+                out.fast, out.can_refold, out.can_rebind = _inductor(out.fast, example_inputs), False, False
             rep.runtime = out
-            return out
-        self.modules.append(gm)
-        run = gm
-        if opts.inductor:
-            from torch._inductor.compile_fx import compile_fx
-            run = compile_fx(gm, example_inputs)
-        rep.runtime = CountingGraph(run, f"not optimised ({rep.fallback})" if rep.fallback else "nothing to optimise")
+        else:
+            self.modules.append(gm)
+            run = _inductor(gm, example_inputs) if opts.inductor else gm
+            rep.runtime = CountingGraph(run, f"not optimised ({rep.fallback})" if rep.fallback else "nothing to optimise")
+        rep.runtime.sink = self.ran
         return rep.runtime
+
+
+def _inductor(gm, example_inputs):
+    from torch._inductor.compile_fx import compile_fx
+    return compile_fx(gm, example_inputs)
 
 
 class FxFrontend:
@@ -79,11 +82,14 @@ class FxFrontend:
     def __init__(self, gm, example_inputs, opts: Options, root=None, eager=None):
         self.original, self.example_inputs, self.opts = gm, list(example_inputs), opts
         self.root, self.eager = root, eager   # torch.export capture: the user's model
+        self.known = _parameters(gm, self.example_inputs)   # placeholder -> its value (weights, buffers)
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.constant_positions = {k for k, ph in enumerate(phs) if ph in self.known}
 
     def import_graph(self):
         from .frontends.fx import import_fx
         return import_fx(self.original, self.example_inputs,
-                         constant_inputs=_parameters(self.original, self.example_inputs))
+                         constant_inputs=self.known)
 
     def attention_blocks(self, imp) -> int:
         return _attention_blocks(imp)
@@ -113,7 +119,7 @@ class FxFrontend:
         try:   # the same random numbers for both versions: dropout in training mode stays
             with torch.no_grad(), torch.random.fork_rng(devices=_devices(inputs)):
                 torch.manual_seed(self.opts.seed)
-                out = _flatten(module(*_copies(inputs, self._constants())))
+                out = _flatten(module(*_copies(inputs, self.constant_positions)))
         finally:
             _restore(state, saved)
         if before is not None and (module.stats - before).keys() - {"optimized", "refolded"}:
@@ -121,14 +127,6 @@ class FxFrontend:
             why = next(iter((module.stats - before).keys() - {"optimized", "refolded"}))
             raise GraphoptError(f"the optimised graph's guard fell back during verification ({why})")
         return out
-
-    def _constants(self) -> set:
-        """Positions of the placeholders whose values are known (weights, unwritten buffers)."""
-        if not hasattr(self, "_constant_positions"):
-            known = _parameters(self.original, self.example_inputs)
-            phs = [n for n in self.original.graph.nodes if n.op == "placeholder"]
-            self._constant_positions = {k for k, ph in enumerate(phs) if ph in known}
-        return self._constant_positions
 
 
 def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=None):
@@ -282,13 +280,6 @@ class OptimizedModule(torch.nn.Module):
                 "original": {k: v for k, v in self._calls.items() if k not in ("calls", "optimized")},
                 "graphs": graphs}
 
-    def _graph_stats(self) -> Counter:
-        total = Counter()
-        for g in self._backend.report.graphs:
-            if g.runtime is not None:
-                total.update(g.runtime.stats)
-        return total
-
     def forward(self, *args, **kwargs):
         self._calls["calls"] += 1
         mode = _dispatch_mode() if self._capture == "dynamo" else None
@@ -301,7 +292,8 @@ class OptimizedModule(torch.nn.Module):
         if self._modes is not None and _training_flags(self._original[0]) != self._modes:
             self._calls["the model's train/eval mode changed since the export capture: the model ran"] += 1
             return self._original[0](*args, **kwargs)
-        before = self._graph_stats()
+        ran = self._backend.ran
+        ran.clear()
         try:
             if self._capture == "dynamo":
                 with _recompile_limits():
@@ -311,7 +303,6 @@ class OptimizedModule(torch.nn.Module):
         except Exception:
             self._calls["raised an error"] += 1
             raise
-        ran = self._graph_stats() - before
         if not ran:
             self._calls["Dynamo ran the model eagerly (no captured graph ran)"] += 1
         elif set(ran) <= _AS_OPTIMISED | _UNCHANGED and set(ran) & _AS_OPTIMISED:
@@ -387,14 +378,11 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
     return OptimizedModule(model, compiled, backend, capture)
 
 
-def _recompile_limits():
+class _recompile_limits:  # noqa: N801  (used as a context manager, like a function)
     """Dynamo caches compiled code per code object: many models of one class (or one wrapper)
     would hit its recompile limit and silently run eagerly. Raised for graphopt's captures and
     calls (a call with grad enabled, a new dtype, compiles again)."""
-    return _RecompileLimits()
 
-
-class _RecompileLimits:
     KEYS, AT_LEAST = ("recompile_limit", "accumulated_recompile_limit"), 4096
 
     def __enter__(self):

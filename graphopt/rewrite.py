@@ -608,7 +608,7 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
             views.add(nid)
     values: dict = {}
     folded: dict = {}
-    steps, key = [], {}
+    steps, key, outputs = [], {}, {}
     new = mg.copy()
     for nid in order:
         n = mg.nodes[nid]
@@ -629,11 +629,11 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
                 any(c not in const or c in views for c, _ in mg.consumers.get(v, ())) or v in mg.outputs)
             if used_outside:
                 name = f"_folded_{nid}_{j}"
-                folded[name] = t.detach().contiguous()
+                folded[name], outputs[name] = t.detach().contiguous(), v
                 fid = new.add_node(MNode(INPUT, (), (), (n.outs[j],), name=name, const=True), intern=False)
                 new.replace_uses(v, (fid, 0))
     new.remove_dead()
-    program = FoldProgram(outputs={name: (int(name.split("_")[2]), int(name.split("_")[3])) for name in folded})
+    program = FoldProgram(outputs=outputs)
     needed = set(program.outputs.values())
     for step in reversed(steps):     # only the steps the folded values need
         if needed & set(step[3]):

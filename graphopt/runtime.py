@@ -62,7 +62,20 @@ def _meta(t) -> tuple:
     return tuple(t.shape), t.dtype, t.device
 
 
-class GuardedGraph:
+class _Counted:
+    """Counts its runs by outcome (``stats``), and into ``sink`` too when one is set (the
+    :class:`~graphopt.optimize.OptimizedModule` reads there what one call ran)."""
+
+    stats: Counter
+    sink: Counter | None = None
+
+    def _count(self, outcome: str) -> None:
+        self.stats[outcome] += 1
+        if self.sink is not None:
+            self.sink[outcome] += 1
+
+
+class GuardedGraph(_Counted):
     """Runs ``fast`` while what it assumed holds (see the module docstring), else ``original``.
 
     Args:
@@ -110,15 +123,15 @@ class GuardedGraph:
             if needs is not None:   # (a learnable scale written into the code as a number)
                 why = f"gradients are needed for {needs.label}, whose value the optimised graph holds fixed"
         if why is not None:
-            self.stats[why] += 1
+            self._count(why)
             return self.original(*args, **kwargs)
         if grad:
             try:
                 return self._with_grad(args, kwargs)
             except _Unfoldable as e:
-                self.stats[str(e)] += 1
+                self._count(str(e))
                 return self.original(*args, **kwargs)
-        self.stats["optimized"] += 1
+        self._count("optimized")
         return self.fast(*args, **kwargs)
 
     def check(self, args, refold: bool = True) -> str | None:
@@ -150,7 +163,7 @@ class GuardedGraph:
         if not isinstance(t, torch.Tensor) or _meta(t) != w.meta:
             why = f"{w.label} changed shape, dtype or device"
         elif w.index is None and t is not w.tensor and w.tied:
-            why = f"{w.label} was replaced, and it was one tensor with {', '.join(w.tied) or 'another weight'}"
+            why = f"{w.label} was replaced, and it was one tensor with {', '.join(w.tied)}"
         elif w.index is None and t is not w.tensor and not self._rebind(w, t):
             why = f"{w.label} was replaced by another tensor, which the optimised module cannot read"
         elif not w.refold:
@@ -169,12 +182,10 @@ class GuardedGraph:
         (``model.proj.weight = nn.Parameter(...)``): the module reads the new one too."""
         if not self.can_rebind:
             return False
-        obj, *path = [self.fast] + w.target.split(".")
+        parent, _, name = w.target.rpartition(".")
         try:
-            for part in path[:-1]:
-                obj = getattr(obj, part)
             if w.direct:
-                setattr(obj, path[-1], t)
+                setattr(_lookup(self.fast, parent) if parent else self.fast, name, t)
             return True
         except (AttributeError, TypeError):   # not held there, or a Parameter slot and a plain tensor
             return False
@@ -202,7 +213,7 @@ class GuardedGraph:
         """The folded constants again, from the weights' new values."""
         for name, value in self._fold(args, detach=True).items():
             setattr(self.fast, self.targets[name], value)
-        self.stats["refolded"] += 1
+        self._count("refolded")
 
     def _with_grad(self, args, kwargs):
         """A call that gradients flow through: the folded constants computed from the live
@@ -212,7 +223,7 @@ class GuardedGraph:
         try:
             for name, value in live.items():
                 setattr(self.fast, self.targets[name], value)
-            self.stats["optimized"] += 1
+            self._count("optimized")
             return self.fast(*args, **kwargs)
         finally:
             for name, value in saved.items():
@@ -236,7 +247,7 @@ def _plain_mode(grad: bool):
     return stack
 
 
-class CountingGraph:
+class CountingGraph(_Counted):
     """The original graph, where nothing was optimised: counted, with the reason."""
 
     def __init__(self, original, why: str):
@@ -244,7 +255,7 @@ class CountingGraph:
         self.stats: Counter = Counter()
 
     def __call__(self, *args, **kwargs):
-        self.stats[self.why] += 1
+        self._count(self.why)
         return self.original(*args, **kwargs)
 
 
@@ -353,14 +364,11 @@ def _lookup(root, target: str):
 def _owner(target: str, *roots):
     """The first of ``roots`` that has the attribute ``target`` (a dotted path)."""
     for r in roots:
-        obj = r
         try:
-            for part in target.split("."):
-                obj = getattr(obj, part)
+            if isinstance(_lookup(r, target), torch.Tensor):
+                return r
         except AttributeError:
             continue
-        if isinstance(obj, torch.Tensor):
-            return r
     return roots[-1]
 
 
