@@ -37,3 +37,10 @@ def cli():
 
 
 __all__ = ["DEFAULT_LIBRARY", "run_cli"]
+
+
+def calls_to(fast, target) -> list:
+    """The kwargs of every call of ``target`` (a torch function) in the optimised graphs of
+    ``fast``: the graphs are plain torch, so a fused op is a call of the torch function."""
+    return [dict(n.kwargs) for gm in fast.graph_modules for n in gm.graph.nodes
+            if n.op == "call_function" and n.target is target]

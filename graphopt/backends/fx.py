@@ -1,16 +1,23 @@
 """IR Graph -> torch.fx GraphModule.
 
-Registry operators are emitted as calls of :func:`run_op`, which runs the op's
-torch lowering (so torch.compile and inductor can trace through them); opaque
-nodes are re-emitted as copies of their original fx nodes.  Constants that the
-IR added (literals, folded weights) become buffers of the new module; the
-original module is never modified.
+Registry operators are emitted as the plain torch calls of their lowering
+(``OpDef.lower`` is traced with fx proxies that know the IR's shapes and dtypes), so
+the graph reads as the PyTorch a person would write
+(``F.scaled_dot_product_attention(q, k, v, scale=0.125, is_causal=True)``), can be
+exported with ``torch.export``, saved and loaded without graphopt, and handed to
+inductor.  Opaque nodes are re-emitted as copies of their original fx nodes.
+Constants that the IR added (literals, folded weights) become buffers of the new
+module; the original module is never modified.
 """
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from ..dims import Dim
+from ..errors import GraphoptError
 from ..frontends.fx import fetch_attr
 from ..ir import OPAQUE, Graph, node_ref
 from ..ops import get_op
@@ -87,17 +94,80 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
             pos = get_op(node.op).scalar_operand
             args = [_number(graph, r) if k == pos and _number(graph, r) is not None else ref_env[r]
                     for k, r in enumerate(node.inputs)]
-            n = new.call_function(run_op, (node.op, concrete, *args))
-        tuple_valued = graph.payloads[idx].tuple_valued if node.op == OPAQUE else len(node.outs) > 1
-        _bind_outputs(new, n, idx, node, ref_env, tuple_valued)
+            outs = _emit_op(new, graph, node, concrete, args)
+            for j, n in enumerate(outs):
+                ref_env[node_ref(idx, j, len(node.outs))] = n
+            continue
+        _bind_outputs(new, n, idx, node, ref_env, graph.payloads[idx].tuple_valued)
 
     out = imp.output
     inputs = dict(zip(out.tensor_args, graph.outputs))
     new.node_copy(out.node, lambda a: ref_env[inputs[a]] if a in inputs else fx_env[a])
+    for n in [n for n in new.nodes if n.op == "get_attr" and not n.users]:
+        new.erase_node(n)   # a constant now written into the code as a number
+        attrs.pop(n.target, None)
     gm = fx.GraphModule(attrs, new, class_name="GraphoptModule")
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+class _TypedProxy(fx.Proxy):
+    """An fx proxy that answers what a lowering may ask of its input (shape, dtype, rank)
+    from the IR's types, so the lowering's python runs at emission and only its torch calls
+    are recorded.  A symbolic size is read from the tensor at run time (``x.size(i)``)."""
+
+    def __init__(self, node, tracer, shape, dtype: str):
+        super().__init__(node, tracer)
+        self._shape, self._dtype = shape, dtype
+
+    @property
+    def shape(self):
+        return tuple(d.const if d.is_const else self.size(k) for k, d in enumerate(self._shape))
+
+    @property
+    def dtype(self):
+        return getattr(torch, self._dtype)
+
+    def dim(self) -> int:
+        return len(self._shape)
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+
+def _emit_op(new: fx.Graph, graph: Graph, node, attrs: tuple, args: list) -> list:
+    """The fx nodes of one registry op: its torch lowering traced into ``new``."""
+    tracer = fx.proxy.GraphAppendingTracer(new)
+    proxies = [_TypedProxy(a, tracer, *graph.type_of(r)) if isinstance(a, fx.Node) else a
+               for a, r in zip(args, node.inputs)]
+    try:
+        outs = get_op(node.op).torch(proxies, dict(attrs))
+    except Exception as e:  # noqa: BLE001  (a lowering that needs a value at run time)
+        raise GraphoptError(f"op {node.op!r} could not be written as torch calls "
+                            f"({type(e).__name__}: {e})") from None
+    nodes = [o.node if isinstance(o, fx.Proxy) else o for o in outs]
+    if len(nodes) != len(node.outs) or not all(isinstance(n, fx.Node) for n in nodes):
+        raise GraphoptError(f"op {node.op!r}: its lowering gave {len(nodes)} value(s) for "
+                            f"{len(node.outs)} output(s)")
+    return nodes
+
+
+def torch_op_counts(gm: fx.GraphModule) -> dict:
+    """How many calls of each torch op a GraphModule makes, by readable name (``aten.mm``,
+    ``scaled_dot_product_attention``, ``method transpose``, ``add``), most frequent first."""
+    from collections import Counter
+    counts: Counter = Counter()
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is not operator.getitem:
+            t = n.target
+            name = str(t.overloadpacket) if hasattr(t, "overloadpacket") else getattr(t, "__name__", str(t))
+            counts[name.replace("aten::", "aten.")] += 1
+        elif n.op == "call_method":
+            counts[f"method {n.target}"] += 1
+        elif n.op == "call_module":
+            counts[f"module {type(fetch_attr(gm, n.target)).__name__}"] += 1
+    return dict(counts.most_common())
 
 
 def baked_scalars(graph: Graph) -> set:
@@ -133,15 +203,11 @@ def _bind_outputs(new, n, idx, node, ref_env, tuple_valued: bool):
             ref_env[node_ref(idx, 0, 1)] = n
         return
     for j in range(len(node.outs)):
-        ref_env[node_ref(idx, j, len(node.outs))] = new.call_function(_getitem, (n, j))
-
-
-def _getitem(value, index):
-    return value[index]
+        ref_env[node_ref(idx, j, len(node.outs))] = new.call_function(operator.getitem, (n, j))
 
 
 def _default(ph):
     return ph.args[0] if ph.args else fx.node.inspect.Signature.empty
 
 
-__all__ = ["export_fx", "run_op", "baked_scalars", "folded_target"]
+__all__ = ["export_fx", "run_op", "baked_scalars", "folded_target", "torch_op_counts"]
