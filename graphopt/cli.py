@@ -162,20 +162,38 @@ def _cmd_rules_verify(args) -> int:
     return 1 if report.failures else 0
 
 
-def _load_model(spec: str, args):
-    """A built-in example name or ``path/to/file.py:factory``; returns (model, inputs)."""
+def _load_model(args):
+    """The model the user named, as ``(model, example_inputs)``: ``--config NAME``, a local
+    Hugging Face folder, a built-in example, or ``path/to/file.py:factory``."""
+    import os
+
+    from . import hf
+    from .models import EXAMPLES, example
+    spec = args.model
+    if args.config:
+        model = hf.from_config(args.config, layers=args.layers or 2, dtype=hf.DTYPES[args.dtype])
+        return model, (hf.example_ids(model, args.batch, args.seq_len, args.seed),)
+    if spec in EXAMPLES:
+        return example(spec, seq_len=args.seq_len, batch=args.batch, layers=args.layers, seed=args.seed)
+    if os.path.isdir(spec) or (not spec.rpartition(":")[0].endswith(".py")
+                               and (os.sep in spec or spec.startswith("."))):
+        model = hf.load_folder(spec, dtype=hf.DTYPES[args.dtype])
+        return model, (hf.example_ids(model, args.batch, args.seq_len, args.seed),)
+    return _load_factory(spec)
+
+
+def _load_factory(spec: str):
+    """``path/to/file.py:factory``, whose ``factory()`` returns ``(module, example_inputs)``."""
     import importlib.util
     from pathlib import Path
 
     import torch
 
-    from .models import EXAMPLES, example
-    if spec in EXAMPLES:
-        return example(spec, seq_len=args.seq_len, batch=args.batch, layers=args.layers, seed=args.seed)
+    from .models import EXAMPLES
     path, sep, factory = spec.rpartition(":")
     if not sep or not path.endswith(".py"):
-        raise GraphoptError(f"unknown model {spec!r}: give a built-in example ({', '.join(EXAMPLES)}) "
-                            "or path/to/file.py:factory")
+        raise GraphoptError(f"unknown model {spec!r}: give a built-in example ({', '.join(EXAMPLES)}), "
+                            "a Hugging Face model folder, --config NAME, or path/to/file.py:factory")
     if not Path(path).is_file():
         raise GraphoptError(f"{path}: no such file")
     mod_spec = importlib.util.spec_from_file_location(f"_graphopt_user_{Path(path).stem}", path)
@@ -202,17 +220,35 @@ def _load_model(spec: str, args):
     return model, tuple(inputs)
 
 
+def _place(model, inputs, dtype_name: str, device: str):
+    """The model and its floating-point inputs in the dtype and on the device asked for."""
+    import torch
+
+    from .hf import DTYPES
+    if device == "cuda" and not torch.cuda.is_available():
+        raise GraphoptError("--device cuda: no CUDA device is available here")
+    dtype = DTYPES[dtype_name]
+    if isinstance(model, torch.nn.Module):
+        model = model.to(device=device, dtype=dtype if dtype_name != "float32" else None)
+    inputs = tuple(t.to(device=device, dtype=dtype if t.is_floating_point() else None)
+                   if isinstance(t, torch.Tensor) else t for t in inputs)
+    return model, inputs
+
+
 def _median_ms(fn, inputs, runs: int) -> float:
     import statistics
     import time
 
     import torch
+    sync = torch.cuda.synchronize if any(isinstance(t, torch.Tensor) and t.is_cuda for t in inputs) else (lambda: None)
     with torch.no_grad():
         fn(*inputs)
         times = []
         for _ in range(runs):
+            sync()
             t = time.perf_counter()
             fn(*inputs)
+            sync()
             times.append((time.perf_counter() - t) * 1e3)
     return statistics.median(times)
 
@@ -235,52 +271,90 @@ def _search_options(args) -> dict:
 
 
 def _cmd_optimize(args) -> int:
-    if args.model.endswith(".onnx"):
+    if args.config == "list":
+        from .hf import causal_lm_names
+        print("\n".join(causal_lm_names()))
+        return 0
+    if args.config and args.model:
+        raise GraphoptError(f"give a model or --config NAME, not both (got {args.model!r} and --config {args.config})")
+    if not args.config and not args.model:
+        raise GraphoptError("no model: give a built-in example (gpt2, llama), a Hugging Face model folder, "
+                            "--config NAME, path/to/file.py:factory or model.onnx")
+    if args.model and args.model.endswith(".onnx"):
         return _cmd_optimize_onnx(args)
-    if args.output or args.opset is not None:
-        raise GraphoptError("-o/--output and --opset are for ONNX models (model.onnx)")
     import torch
 
     from . import optimize
     from .optimize import _flatten
     from .options import Options
+    from .progress import Stages
     from .rules import write_atomic
-    if args.save:
-        _check_output_path(args.save)
+    if args.opset is not None:
+        raise GraphoptError("--opset is for ONNX models (model.onnx)")
+    if args.output and not args.output.endswith(".pt2"):
+        raise GraphoptError(f"-o {args.output}: a torch model is written as a torch.export program "
+                            "(-o PATH.pt2); ONNX files are optimized from model.onnx")
+    capture = args.capture or ("export" if args.output else "dynamo")
+    if args.output and capture != "export":
+        raise GraphoptError("-o PATH.pt2 writes one whole graph: use it with --capture export (the default with -o)")
+    for path in (args.output, args.save, args.html):
+        if path:
+            _check_output_path(path)
     if args.runs < 1:
         raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
     options = _search_options(args)
     Options.of(options)  # validate before the slow part
     from cost_models import get_cost_model  # noqa: F401  (fail early on a broken install)
-    model, inputs = _load_model(args.model, args)
-    fast = optimize(model, inputs, capture=args.capture, **options)
-    with torch.no_grad():
-        ref, out = _flatten(model(*inputs)), _flatten(fast(*inputs))
-    diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out)
-                if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()), default=0.0)
-    eager_ms = _median_ms(model, inputs, args.runs)
-    opt_ms = _median_ms(fast, inputs, args.runs)
-    result = {"model": args.model, "inputs": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
-              **fast.report.to_json(), "optimize_seconds": round(fast.report.total_seconds, 2),
-              "latency_ms": {"original": round(eager_ms, 3), "optimized": round(opt_ms, 3),
-                             "speedup": round(eager_ms / opt_ms, 3), "runs": args.runs},
-              "max_abs_diff_outputs": diff}
-    if args.save:
-        import io
-        buf = io.BytesIO()
-        torch.save({"graph_modules": fast.graph_modules, "report": fast.report.to_json()}, buf)
-        write_atomic(args.save, buf.getvalue())
-        result["saved"] = args.save
+    names = ["load", "capture", "import", "search", "verify", "latency"] + ["write"] * bool(
+        args.output or args.save or args.html)
+    with Stages(names, enabled=not args.quiet) as stage:
+        stage("load")
+        model, inputs = _load_model(args)
+        model, inputs = _place(model, inputs, args.dtype, args.device)
+        fast = optimize(model, inputs, capture=capture, progress=stage, **options)
+        with torch.no_grad():
+            ref, out = _flatten(model(*inputs)), _flatten(fast(*inputs))
+        diff = max((float((a.double() - b.double()).abs().max()) for a, b in zip(ref, out)
+                    if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()), default=0.0)
+        stage("latency")
+        eager_ms = _median_ms(model, inputs, args.runs)
+        opt_ms = _median_ms(fast, inputs, args.runs)
+        result = {"model": args.model or f"--config {args.config}",
+                  "inputs": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)],
+                  "dtype": args.dtype, "device": args.device,
+                  **fast.report.to_json(), "optimize_seconds": round(fast.report.total_seconds, 2),
+                  "latency_ms": {"original": round(eager_ms, 3), "optimized": round(opt_ms, 3),
+                                 "speedup": round(eager_ms / opt_ms, 3), "runs": args.runs},
+                  "max_abs_diff_outputs": diff}
+        if args.output:
+            stage("write", args.output)
+            from .artifact import write_pt2
+            write_pt2(fast, model, inputs, args.output)
+            result["saved"] = args.output
+        if args.save:
+            import io
+            buf = io.BytesIO()
+            torch.save({"graph_modules": fast.graph_modules, "report": fast.report.to_json()}, buf)
+            write_atomic(args.save, buf.getvalue())
+            result["pickled"] = args.save
+        if args.html:
+            stage("write", args.html)
+            from .htmlreport import report_html
+            page = report_html(result, fast.report, title=result["model"], rule_sources=Options.of(options).rules)
+            write_atomic(args.html, page.encode())
+            result["html"] = args.html
     if args.json:
         print(json.dumps(result, indent=1))
         return 0
     print(fast.report)
     print(f"  latency        original {eager_ms:.2f} ms, optimized {opt_ms:.2f} ms "
-          f"({eager_ms / opt_ms:.2f}x, median of {args.runs})")
+          f"({eager_ms / opt_ms:.2f}x, median of {args.runs}; {args.dtype} on {args.device})")
     print(f"  outputs        max |optimized - original| = {diff:.3g}")
     print(f"  took           {fast.report.total_seconds:.1f} s to capture, search and verify")
-    if args.save:
-        print(f"  saved          {args.save}")
+    for key, what in (("saved", "torch.export program"), ("pickled", "pickle, for debugging"),
+                      ("html", "report page")):
+        if key in result:
+            print(f"  wrote          {result[key]} ({what})")
     return 0
 
 
@@ -289,6 +363,12 @@ def _cmd_optimize_onnx(args) -> int:
 
     from .optimize_onnx import onnx_report, optimize_onnx, random_inputs, session
     from .rules import write_atomic
+    for flag, value in (("--config", args.config), ("--html", args.html), ("--save", args.save)):
+        if value:
+            raise GraphoptError(f"{flag} is for torch models, not ONNX files")
+    if args.dtype != "float32" or args.device != "cpu":
+        raise GraphoptError("--dtype and --device are for torch models: an ONNX file keeps its own types "
+                            "and runs in onnxruntime on CPU")
     if args.output:
         _check_output_path(args.output)
     if args.runs < 1:
@@ -396,14 +476,29 @@ def build_parser() -> argparse.ArgumentParser:
     rc.set_defaults(func=_cmd_rules_compile)
 
     op = sub.add_parser("optimize", help="optimize a model and report what changed")
-    op.add_argument("model", help="built-in example (gpt2, llama), path/to/file.py:factory "
-                                  "(factory() returns (module, example_inputs)), or model.onnx")
-    op.add_argument("-o", "--output", metavar="PATH", help="ONNX: where to write the optimized model")
+    op.add_argument("model", nargs="?",
+                    help="a Hugging Face model folder (config.json + safetensors; nothing is downloaded), "
+                         "a built-in example (gpt2, llama), path/to/file.py:factory (factory() returns "
+                         "(module, example_inputs)), or model.onnx")
+    op.add_argument("--config", metavar="NAME",
+                    help="instead of a model: any causal-LM architecture of the installed transformers "
+                         "(llama, qwen2, gpt2, ...) built from its config with random weights "
+                         "(--layers, default 2); '--config list' lists them")
+    op.add_argument("-o", "--output", metavar="PATH",
+                    help="write the optimized model: PATH.pt2 for a torch model (a torch.export program that "
+                         "torch.export.load runs without graphopt; its input shape is the example's), "
+                         "or an .onnx file for an ONNX model")
+    op.add_argument("--html", metavar="FILE", help="write the report as one self-contained HTML page")
     op.add_argument("--opset", type=int, help="ONNX: convert to this opset first (23 for fused Attention)")
-    op.add_argument("--seq-len", type=int, default=128, help="tokens, for built-in examples (default 128)")
-    op.add_argument("--batch", type=int, default=1, help="sequences, for built-in examples")
-    op.add_argument("--layers", type=int, help="layers, for built-in examples (default: the model's)")
-    op.add_argument("--capture", choices=["dynamo", "export"], default="dynamo")
+    op.add_argument("--seq-len", type=int, default=128, help="tokens of the example input (default 128)")
+    op.add_argument("--batch", type=int, default=1, help="sequences of the example input (default 1)")
+    op.add_argument("--layers", type=int, help="layers, for built-in examples and --config "
+                                               "(default: the example's; 2 for --config)")
+    op.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                    help="the model's dtype (default float32)")
+    op.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
+    op.add_argument("--capture", choices=["dynamo", "export"],
+                    help="graph capture (default: dynamo; export with -o PATH.pt2)")
     op.add_argument("--cost-model", choices=["roofline", "measured"], default="roofline")
     op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0)")
     op.add_argument("--budget", type=int, default=100, help="most graphs the search expands")
@@ -418,7 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--runs", type=int, default=5, help="timed runs for the latency medians")
     op.add_argument("--seed", type=int, default=0)
     op.add_argument("--json", action="store_true", help="print the report as JSON")
-    op.add_argument("--save", metavar="PATH", help="write the optimized GraphModules (torch.save)")
+    op.add_argument("-q", "--quiet", action="store_true", help="no progress display")
+    op.add_argument("--save", metavar="PATH",
+                    help="debugging aid: pickle the optimized GraphModules with torch.save (loading it needs "
+                         "graphopt and runs no guard); to deploy, use -o PATH.pt2")
     op.set_defaults(func=_cmd_optimize)
 
     o = sub.add_parser("ops", help="list the op registry")

@@ -43,8 +43,9 @@ class Backend:
     """A torch.compile backend that optimises each captured graph; keeps the reports
     and the optimised GraphModules."""
 
-    def __init__(self, options=None):
+    def __init__(self, options=None, stage=None):
         self.options = Options.of(options)
+        self.stage = stage      # called with each stage's name (a progress display), or None
         self.report = Report()
         self.modules: list = []
         self.ran: Counter = Counter()   # what the graphs ran since it was last cleared (one call)
@@ -52,9 +53,12 @@ class Backend:
     def __call__(self, gm, example_inputs, **kwargs):
         opts = self.options if not kwargs.get("options") else Options.of(kwargs["options"])
         out, rep = optimize_graph_module(gm, example_inputs, opts, root=kwargs.get("root"),
-                                         eager=kwargs.get("eager"))
+                                         eager=kwargs.get("eager"), stage=self.stage)
         self.report.graphs.append(rep)
+        from .backends.fx import torch_op_counts
         from .runtime import CountingGraph, GuardedGraph
+        rep.op_counts = {"before": torch_op_counts(gm),
+                         "after": torch_op_counts(out.fast if isinstance(out, GuardedGraph) else gm)}
         if isinstance(out, GuardedGraph):
             out.stats.clear()   # (the verifier's runs are not calls)
             self.modules.append(out.fast)
@@ -129,11 +133,12 @@ class FxFrontend:
         return out
 
 
-def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=None):
+def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=None, stage=None):
     """Optimise one captured GraphModule; returns (module to run, GraphReport): a
     :class:`~graphopt.runtime.GuardedGraph`, or ``gm`` itself when nothing was optimised."""
     from .pipeline import optimize_with
-    return optimize_with(FxFrontend(gm, example_inputs, opts, root, eager), opts, _cost_model(opts, example_inputs))
+    return optimize_with(FxFrontend(gm, example_inputs, opts, root, eager), opts,
+                         _cost_model(opts, example_inputs), stage=stage)
 
 
 def _attention_blocks(imp) -> int:
@@ -333,7 +338,7 @@ def _dispatch_mode():
     return (pd._get_current_dispatch_mode() or object()) if active else None
 
 
-def optimize(model, example_inputs, capture: str = "dynamo", **options) -> OptimizedModule:
+def optimize(model, example_inputs, capture: str = "dynamo", progress=None, **options) -> OptimizedModule:
     """Optimise a torch module (or function) for the given example inputs.
 
     Args:
@@ -341,6 +346,9 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
         example_inputs: a tuple of positional inputs (a single tensor is accepted).
         capture: ``"dynamo"`` (torch.compile's graph capture; graph breaks are fine)
             or ``"export"`` (``torch.export``: one whole graph, or an error).
+        progress: optional callable, called with the name of each stage as it starts
+            (``"capture"``, ``"import"``, ``"search"``, ``"verify"``), e.g. a
+            :class:`graphopt.progress.Stages` display.
         **options: see :class:`Options` (``rules``, ``cost_model``, ``alpha``,
             ``budget``, ``time_limit``, ``verify``, ``inductor``, ``seed``).
     Returns:
@@ -355,10 +363,12 @@ def optimize(model, example_inputs, capture: str = "dynamo", **options) -> Optim
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs)
-    backend = Backend(options)
+    backend = Backend(options, stage=progress)
     from .schedule import planned
     planned(backend.options)  # load (and verify) the rules now: a bad rule file is an error, not a fallback
     start = time.monotonic()
+    if progress is not None:
+        progress("capture")
     if capture == "export":
         try:
             gm = torch.export.export(model, example_inputs).module()

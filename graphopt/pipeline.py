@@ -53,21 +53,25 @@ class Frontend(Protocol):
         ...
 
 
-def optimize_with(frontend: Frontend, opts: Options, cost_model) -> tuple:
+def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> tuple:
     """Run every stage for one model; returns ``(artifact, GraphReport)``.
 
     The artifact is ``frontend.original`` when nothing applied, something failed, or the
-    result differs from the original (the report's ``fallback`` says which).
+    result differs from the original (the report's ``fallback`` says which).  ``stage``,
+    when given, is called with the name of each stage as it starts (a progress display).
     """
     from .schedule import planned
+    stage = stage or (lambda name: None)
     rep = GraphReport()
     plan = planned(opts)  # a bad rule file is the user's error, not a reason to fall back
     try:
+        stage("import")
         imp = frontend.import_graph()                                   # import
         rep.nodes = len(imp.graph.nodes)
         rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
         rep.attention["blocks"] = frontend.attention_blocks(imp)
         plan = frontend.adjust(imp, plan, rep)
+        stage("search")
         graph = transform(imp.graph, plan, cost_model, opts, rep)       # canonicalise, fuse, search, fold
         if graph is None:
             return frontend.original, rep
@@ -80,6 +84,7 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model) -> tuple:
         rep.cost_after = rep.cost_before
         return frontend.original, rep
     if opts.verify:                                                     # verify
+        stage("verify")
         ok, diff, why = verify_against(frontend, artifact)
         rep.max_abs_diff = diff
         if not ok:

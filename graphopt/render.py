@@ -1,6 +1,7 @@
 """Pictures of rules: Graphviz DOT text, and PNG through Graphviz or matplotlib."""
 from __future__ import annotations
 
+import io
 import shutil
 import subprocess
 import tempfile
@@ -45,14 +46,19 @@ def rule_to_dot(rule: Rule) -> str:
 
 def rule_to_png(rule: Rule, path) -> str:
     """Write a PNG picture of the rule; returns the renderer used."""
-    path = Path(path)
+    data, how = rule_png(rule)
+    write_atomic(Path(path), data)
+    return how
+
+
+def rule_png(rule: Rule) -> tuple:
+    """A PNG picture of the rule as bytes, through Graphviz when ``dot`` is on PATH, else
+    matplotlib; returns ``(png bytes, renderer)``."""
     if shutil.which("dot"):
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "rule.png"
             subprocess.run(["dot", "-Tpng", "-o", str(out)], input=rule_to_dot(rule).encode(), check=True)
-            data = out.read_bytes()
-        write_atomic(path, data)
-        return "graphviz"
+            return out.read_bytes(), "graphviz"
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -72,12 +78,10 @@ def rule_to_png(rule: Rule, path) -> str:
         ax.set_title(title)
         ax.axis("off")
     fig.suptitle(f"{rule.id}: {', '.join(rule.layers())}")
-    with tempfile.NamedTemporaryFile(suffix=".png") as tmp:
-        fig.savefig(tmp.name, dpi=80)
-        plt.close(fig)
-        data = Path(tmp.name).read_bytes()
-    write_atomic(path, data)
-    return "matplotlib"
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    return buf.getvalue(), "matplotlib"
 
 
 def _nx_graph(g: Graph, nx):

@@ -22,6 +22,7 @@ class GraphReport:
     attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
     notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
     phases: dict = field(default_factory=dict)  # schedule phase -> {"engine", "rulesets", "applied", "seconds"}
+    op_counts: dict = field(default_factory=dict)  # "before"/"after" -> {torch op: calls} (torch frontend)
     runtime: object = field(default=None, repr=False, compare=False)  # what runs (graphopt.runtime), with .stats
 
 
