@@ -171,7 +171,8 @@ def _load_model(args):
     from .models import EXAMPLES, example
     spec = args.model
     if args.config:
-        model = hf.from_config(args.config, layers=args.layers or 2, dtype=hf.DTYPES[args.dtype])
+        model = hf.from_config(args.config, layers=args.layers or 2, dtype=hf.DTYPES[args.dtype],
+                               overrides=_overrides(args.set or ()))
         return model, (hf.example_ids(model, args.batch, args.seq_len, args.seed),)
     if spec in EXAMPLES:
         return example(spec, seq_len=args.seq_len, batch=args.batch, layers=args.layers, seed=args.seed)
@@ -180,6 +181,20 @@ def _load_model(args):
         model = hf.load_folder(spec, dtype=hf.DTYPES[args.dtype])
         return model, (hf.example_ids(model, args.batch, args.seq_len, args.seed),)
     return _load_factory(spec)
+
+
+def _overrides(items) -> dict:
+    """``--set KEY=VALUE`` pairs as a dict; a VALUE is read as JSON (numbers, true, lists) or else kept as text."""
+    out = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        if not sep or not key.strip():
+            raise GraphoptError(f"--set {item}: expected KEY=VALUE (e.g. --set hidden_size=256)")
+        try:
+            out[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            out[key.strip()] = text
+    return out
 
 
 def _load_factory(spec: str):
@@ -275,6 +290,8 @@ def _cmd_optimize(args) -> int:
         from .hf import causal_lm_names
         print("\n".join(causal_lm_names()))
         return 0
+    if args.set and not args.config:
+        raise GraphoptError("--set is for --config NAME (a model folder keeps its own config.json)")
     if args.config and args.model:
         raise GraphoptError(f"give a model or --config NAME, not both (got {args.model!r} and --config {args.config})")
     if not args.config and not args.model:
@@ -363,7 +380,7 @@ def _cmd_optimize_onnx(args) -> int:
 
     from .optimize_onnx import onnx_report, optimize_onnx, random_inputs, session
     from .rules import write_atomic
-    for flag, value in (("--config", args.config), ("--html", args.html), ("--save", args.save)):
+    for flag, value in (("--html", args.html), ("--save", args.save)):
         if value:
             raise GraphoptError(f"{flag} is for torch models, not ONNX files")
     if args.dtype != "float32" or args.device != "cpu":
@@ -484,6 +501,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="instead of a model: any causal-LM architecture of the installed transformers "
                          "(llama, qwen2, gpt2, ...) built from its config with random weights "
                          "(--layers, default 2); '--config list' lists them")
+    op.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="with --config: set a config field, e.g. --set hidden_size=256 (repeatable)")
     op.add_argument("-o", "--output", metavar="PATH",
                     help="write the optimized model: PATH.pt2 for a torch model (a torch.export program that "
                          "torch.export.load runs without graphopt; its input shape is the example's), "

@@ -94,9 +94,11 @@ def causal_lm_names() -> list:
     return sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
-def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.float32) -> CausalLMLogits:
+def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.float32,
+                overrides: dict | None = None) -> CausalLMLogits:
     """An architecture built from its default config with random weights; ``layers`` (default 2)
-    shrinks it, since default configs are full-size models."""
+    shrinks it, since default configs are full-size models, and ``overrides`` sets other config
+    fields (``{"hidden_size": 256}``)."""
     tf = _transformers()
     names = causal_lm_names()
     if name not in names:
@@ -106,6 +108,10 @@ def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.fl
                             f"{tf.__version__}{hint}")
     try:
         config = tf.AutoConfig.for_model(name)
+        for key, value in (overrides or {}).items():
+            if not hasattr(config, key):
+                raise GraphoptError(f"--set {key}: {type(config).__name__} has no field {key!r}")
+            setattr(config, key, value)
         if layers is not None:
             _set_layers(config, layers)
         lm = tf.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=dtype)
