@@ -2,8 +2,8 @@
 ``config.json`` plus safetensors weights), or any architecture of the installed
 ``transformers`` built from its config with random weights.  Nothing is ever downloaded.
 
-The model is wrapped in :class:`CausalLMLogits`: ``forward(input_ids) -> logits`` without a
-KV cache, the one-tensor-in, one-tensor-out form that ``torch.export`` and a server want.
+The model is wrapped in :class:`graphopt.models.Logits`: ``forward(input_ids) -> logits``
+without a KV cache, the one-tensor-in, one-tensor-out form that ``torch.export`` and a server want.
 Every problem a user can cause (not a folder, no ``config.json``, a missing weight file, an
 unknown architecture) is a :class:`~graphopt.errors.GraphoptError` of one line.
 """
@@ -16,21 +16,11 @@ from pathlib import Path
 import torch
 
 from .errors import GraphoptError
+from .models import Logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
-
-
-class CausalLMLogits(torch.nn.Module):
-    """``forward(input_ids) -> logits`` of a causal LM, without a KV cache."""
-
-    def __init__(self, lm):
-        super().__init__()
-        self.lm = lm
-
-    def forward(self, input_ids):
-        return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
 def _transformers():
@@ -70,7 +60,7 @@ def check_folder(path) -> Path:
     return p
 
 
-def load_folder(path, dtype: torch.dtype = torch.float32) -> CausalLMLogits:
+def load_folder(path, dtype: torch.dtype = torch.float32) -> Logits:
     """A causal LM from a local folder, with eager attention (what graphopt fuses), in eval mode."""
     p = check_folder(path)
     tf = _transformers()
@@ -84,7 +74,7 @@ def load_folder(path, dtype: torch.dtype = torch.float32) -> CausalLMLogits:
     if missing:
         raise GraphoptError(f"{path}: the weight files lack {len(missing)} tensor(s) of the model, "
                             f"e.g. {missing[0]}")
-    return CausalLMLogits(lm.eval())
+    return Logits(lm.eval())
 
 
 def causal_lm_names() -> list:
@@ -95,7 +85,7 @@ def causal_lm_names() -> list:
 
 
 def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.float32,
-                overrides: dict | None = None) -> CausalLMLogits:
+                overrides: dict | None = None) -> Logits:
     """An architecture built from its default config with random weights; ``layers`` (default 2)
     shrinks it, since default configs are full-size models, and ``overrides`` sets other config
     fields (``{"hidden_size": 256}``)."""
@@ -120,7 +110,7 @@ def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.fl
     except Exception as e:  # noqa: BLE001
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise GraphoptError(f"--config {name}: cannot build the model ({type(e).__name__}: {first})") from None
-    return CausalLMLogits(lm.eval())
+    return Logits(lm.eval())
 
 
 def _set_layers(config, layers: int) -> None:
@@ -141,11 +131,11 @@ def _set_layers(config, layers: int) -> None:
         raise GraphoptError(f"{type(config).__name__}: cannot set the number of layers")
 
 
-def example_ids(model: CausalLMLogits, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+def example_ids(model: Logits, batch: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Random token ids of shape (batch, seq_len) within the model's vocabulary."""
     if batch < 1 or seq_len < 1:
         raise GraphoptError(f"--batch and --seq-len must be >= 1, got {batch} and {seq_len}")
-    config = model.lm.config
+    config = model.model.config
     vocab = getattr(config, "vocab_size", None) or getattr(config.get_text_config(), "vocab_size", None) or 2
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if limit and seq_len > limit:
@@ -154,5 +144,5 @@ def example_ids(model: CausalLMLogits, batch: int, seq_len: int, seed: int = 0) 
     return torch.randint(0, vocab, (batch, seq_len), generator=gen)
 
 
-__all__ = ["CausalLMLogits", "DTYPES", "check_folder", "load_folder", "from_config", "causal_lm_names",
+__all__ = ["DTYPES", "check_folder", "load_folder", "from_config", "causal_lm_names",
            "example_ids"]
