@@ -8,6 +8,8 @@ machine noise hits every variant alike (median of --runs):
 * eager: the HF model;
 * graphopt module: ``graphopt.optimize(model, (ids,), capture="export")`` (with its per-call guard);
 * .pt2 program: ``torch.export.load(...).module()``, the file the CLI wrote;
+* with ``--aoti``: that program compiled ahead of time by AOTInductor
+  (``torch._inductor.aoti_compile_and_package``; its compile time is reported);
 
 and the outputs of each against eager.  The machine's fp32 / bf16 GEMM rate is measured in the
 same run, so the figures can be read against this machine's limit.
@@ -46,6 +48,7 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=1024)
     ap.add_argument("--dtype", action="append", choices=["float32", "bfloat16"])
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--aoti", action="store_true", help="also compile the .pt2 with AOTInductor and time it")
     args = ap.parse_args()
     torch.manual_seed(0)
     for dtype_name in args.dtype or ["float32", "bfloat16"]:
@@ -64,8 +67,14 @@ def main() -> None:
             model = Logits(transformers.AutoModelForCausalLM.from_pretrained(
                 folder, attn_implementation="eager", dtype=dtype).eval())
             fast = graphopt.optimize(model, (ids,), capture="export")
-            program = torch.export.load(out).module()
-            variants = {"eager": model, "graphopt module": fast, ".pt2 program": program}
+            ep = torch.export.load(out)
+            variants = {"eager": model, "graphopt module": fast, ".pt2 program": ep.module()}
+            aoti_s = None
+            if args.aoti:
+                t = time.perf_counter()
+                package = torch._inductor.aoti_compile_and_package(ep, package_path=str(Path(tmp) / "aoti.pt2"))
+                aoti_s = round(time.perf_counter() - t, 1)
+                variants[".pt2 + AOTInductor"] = torch._inductor.aoti_load_package(package)
             times = {k: [] for k in variants}
             with torch.no_grad():
                 ref = model(ids).float()
@@ -77,7 +86,7 @@ def main() -> None:
                         times[k].append(time.perf_counter() - t)
             ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
             print(json.dumps({"model": "HF GPT-2-small", "dtype": dtype_name, "seq_len": args.seq_len,
-                              "cli_seconds": round(cli_s, 1), "pt2_MB": round(out.stat().st_size / 2 ** 20, 1),
+                              "cli_seconds": round(cli_s, 1), "aoti_compile_seconds": aoti_s, "pt2_MB": round(out.stat().st_size / 2 ** 20, 1),
                               "median_ms": {k: round(v, 1) for k, v in ms.items()},
                               "speedup_vs_eager": {k: round(ms["eager"] / v, 2) for k, v in ms.items()},
                               "max_abs_diff_vs_eager": diffs, "fused": json.loads(cli.stdout)["attention"],

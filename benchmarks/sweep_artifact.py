@@ -76,8 +76,8 @@ def one(arch: str, dtype: str, tmp: Path) -> dict:
     with torch.no_grad():
         ref = eager(input_ids=ids, use_cache=False).logits.float()
     outs = torch.load(folder / "outs.pt")
-    row["diff"] = [round(float((o.float() - ref).abs().max()), 6) for o in outs]
-    row["rel"] = round(max(row["diff"]) / max(float(ref.abs().max()), 1e-6), 6)
+    row["diff"] = [float(f"{float((o.float() - ref).abs().max()):.3g}") for o in outs]
+    row["rel"] = float(f"{max(row['diff']) / max(float(ref.abs().max()), 1e-6):.3g}")
     return row
 
 

@@ -13,7 +13,7 @@ import io
 
 import torch
 
-from .errors import GraphoptError
+from .errors import GraphoptError, first_line
 
 
 def exported_program(fast, example_inputs) -> torch.export.ExportedProgram:
@@ -30,7 +30,7 @@ def exported_program(fast, example_inputs) -> torch.export.ExportedProgram:
     try:
         return torch.export.export(modules[0], tuple(example_inputs))
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         raise GraphoptError(f"torch.export could not export the optimized graph ({type(e).__name__}: {first})") from None
 
 

@@ -20,3 +20,9 @@ class RuleFormatError(GraphoptError):
 
 class NotAlgebraic(Exception):
     """Raised by an operator that has no semantics in the requested domain (e.g. relu in Z3)."""
+
+
+def first_line(e: BaseException, default: str = "") -> str:
+    """The first line of an exception's message (what a one-line error quotes of a cause)."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else default

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import GraphoptError
+from .errors import GraphoptError, first_line
 from .models import Logits
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -68,7 +68,7 @@ def load_folder(path, dtype: torch.dtype = torch.float32) -> Logits:
         lm, info = tf.AutoModelForCausalLM.from_pretrained(
             str(p), local_files_only=True, attn_implementation="eager", dtype=dtype, output_loading_info=True)
     except Exception as e:  # noqa: BLE001  (transformers raises many kinds: one line for each)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise GraphoptError(f"{path}: cannot load the model ({type(e).__name__}: {first})") from None
     missing = sorted(info.get("missing_keys") or ())
     if missing:
@@ -108,7 +108,7 @@ def from_config(name: str, layers: int | None = 2, dtype: torch.dtype = torch.fl
     except GraphoptError:
         raise
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise GraphoptError(f"--config {name}: cannot build the model ({type(e).__name__}: {first})") from None
     return Logits(lm.eval())
 

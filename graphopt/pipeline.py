@@ -22,7 +22,7 @@ import traceback
 from collections import Counter
 from typing import Protocol
 
-from .errors import GraphoptError
+from .errors import GraphoptError, first_line
 from .options import Options
 from .report import GraphReport, fused_attention
 from .verify import TOLERANCES
@@ -77,7 +77,7 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> 
             return frontend.original, rep
         artifact = frontend.export(imp, graph)                          # export
     except Exception as e:  # noqa: BLE001  never crash the user's model: keep the original
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        first = first_line(e)
         rep.fallback = f"optimisation failed ({type(e).__name__}: {first}); original {frontend.what} kept"
         if not isinstance(e, GraphoptError):
             rep.fallback += " [" + traceback.format_exc(limit=1).strip().splitlines()[-1] + "]"
@@ -196,7 +196,7 @@ def verify_against(frontend: Frontend, artifact) -> tuple:
         try:
             got = frontend.run(artifact, inputs)
         except Exception as e:  # noqa: BLE001
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e)
             return False, float("inf"), f"running the optimised model raised {type(e).__name__}: {first}"
         try:
             ok, diff, why = compare_outputs(expected, got)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..errors import GraphoptError
+from ..errors import GraphoptError, first_line
 from ..ir import Graph
 from ..ops import REGISTRY
 from .fx import _unique
@@ -80,7 +80,7 @@ def load_model(src):
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise GraphoptError(f"{where}: invalid ONNX model: {first}") from None
     opset = default_opset(model)
     newest = onnx.defs.onnx_opset_version()
@@ -109,7 +109,7 @@ def convert_opset(model, opset: int):
     try:
         return version_converter.convert_version(model, opset)
     except Exception as e:  # noqa: BLE001
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e, type(e).__name__)
         raise GraphoptError(f"cannot convert the model from opset {default_opset(model)} to {opset}: {first}") from None
 
 
