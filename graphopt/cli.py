@@ -240,8 +240,6 @@ def _place(model, inputs, dtype_name: str, device: str):
     import torch
 
     from .hf import DTYPES
-    if device == "cuda" and not torch.cuda.is_available():
-        raise GraphoptError("--device cuda: no CUDA device is available here")
     dtype = DTYPES[dtype_name]
     if isinstance(model, torch.nn.Module):
         model = model.to(device=device, dtype=dtype if dtype_name != "float32" else None)
@@ -319,6 +317,8 @@ def _cmd_optimize(args) -> int:
             _check_output_path(path)
     if args.runs < 1:
         raise GraphoptError(f"--runs must be >= 1, got {args.runs}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GraphoptError("--device cuda: no CUDA device is available here")
     options = _search_options(args)
     Options.of(options)  # validate before the slow part
     from cost_models import get_cost_model  # noqa: F401  (fail early on a broken install)

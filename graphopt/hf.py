@@ -29,6 +29,7 @@ def _transformers():
     except ImportError:
         raise GraphoptError("Hugging Face models need transformers (pip install 'graphopt[hf]')") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()   # graphopt's own display says "load"
     return transformers
 
 

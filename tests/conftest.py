@@ -11,6 +11,10 @@ from graphopt.rules import DEFAULT_LIBRARY, load_rules
 # every optimisation in the test suite checks the IR after every stage (graphopt.lint)
 graphopt.pipeline.LINT_EVERY_STAGE = True
 
+if os.environ.get("PYTEST_XDIST_WORKER"):   # pytest -n 2 on two cores: one torch thread per worker
+    import torch
+    torch.set_num_threads(1)
+
 
 @pytest.fixture(scope="session")
 def default_library():

@@ -78,10 +78,10 @@ def test_a_model_folder_becomes_a_pt2_that_runs_without_graphopt(folders, tmp_pa
 
 def test_optimized_graphs_are_plain_torch(folders):
     """No graphopt callable in an optimised graph: it reads as PyTorch and exports like any module."""
-    for arch in ("llama", "gpt2"):
+    for arch, captures in (("llama", ("dynamo", "export")), ("gpt2", ("dynamo",))):
         model = hf.load_folder(folders / arch)
         ids = hf.example_ids(model, 1, T)
-        for capture in ("dynamo", "export"):
+        for capture in captures:
             fast = graphopt.optimize(model, (ids,), capture=capture)
             assert fast.report.attention["fused"] == 2, fast.report
             for gm in fast.graph_modules:
@@ -142,11 +142,10 @@ def _break(folder, tmp_path, how):
     ("missing-shard", "weight file model-00002-of-00002.safetensors (listed in model.safetensors.index.json) is missing"),
     ("bad-json", "config.json: not valid JSON"),
 ])
-def test_a_folder_that_is_not_a_model_is_one_line(folders, tmp_path, how, needle):
+def test_a_folder_that_is_not_a_model_is_one_line(capsys, folders, tmp_path, how, needle):
     broken = _break(folders / "llama", tmp_path, how)
     out = tmp_path / "m.pt2"
-    proc = run_cli("optimize", str(broken), "-o", str(out))
-    _one_line_error(proc, needle)
+    _one_line_error(capsys, ["optimize", str(broken), "-o", str(out)], needle)
     assert not out.exists()
 
 
@@ -154,19 +153,31 @@ def test_a_folder_that_is_not_a_model_is_one_line(folders, tmp_path, how, needle
     (["--config", "lama"], "not a causal-LM architecture of transformers"),
     (["--config", "llama", "--set", "hiden_size=64"], "has no field 'hiden_size'"),
     (["{llama}", "--dtype", "float64"], "invalid choice: 'float64'"),
+    (["{llama}", "--device", "cuda"] if not torch.cuda.is_available() else ["--config", "x", "--set", "a"],
+     "no CUDA device" if not torch.cuda.is_available() else "--set a: expected KEY=VALUE"),
     (["{llama}", "-o", "{tmp}/m.onnx"], "a torch model is written as a torch.export program"),
     (["./no/such/folder"], "no such file or directory"),
 ])
-def test_bad_model_arguments_are_one_line(folders, tmp_path, args, needle):
+def test_bad_model_arguments_are_one_line(capsys, folders, tmp_path, args, needle):
     args = [a.replace("{llama}", str(folders / "llama")).replace("{tmp}", str(tmp_path)) for a in args]
-    _one_line_error(run_cli("optimize", *args), needle)
+    _one_line_error(capsys, ["optimize", *args], needle)
     assert not list(tmp_path.glob("*.pt2")) and not list(tmp_path.glob("*.onnx"))
 
 
-def _one_line_error(proc, needle):
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("graphopt: error:"), proc.stderr
+def test_a_bad_folder_at_the_command_line_is_one_line_without_traceback(folders, tmp_path):
+    broken = _break(folders / "gpt2", tmp_path, "no-weights")
+    proc = run_cli("optimize", str(broken), "-o", str(tmp_path / "m.pt2"), "--html", str(tmp_path / "r.html"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.strip().splitlines() == [f"graphopt: error: {broken}: no weight file "
+                                                "(model.safetensors, pytorch_model.bin or a sharded index)"]
+    assert not list(tmp_path.glob("m.pt2")) and not list(tmp_path.glob("r.html"))
+
+
+def _one_line_error(capsys, argv, needle):
+    assert graphopt_cli.main(argv) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("graphopt: error:"), err
     assert needle in lines[0], lines[0]
 
 
