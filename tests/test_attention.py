@@ -333,3 +333,24 @@ def test_causal_mask_from_a_registered_buffer_is_guarded():
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
         model.blocks[0].causal[5, 2] = False  # no longer the causal mask
         torch.testing.assert_close(fast(ids), model(ids), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("capture", ["dynamo", "export"])
+def test_a_scale_computed_at_run_time_is_read_in_the_graph(capture):
+    """A scale that is not a constant (here a 0-d input) reaches SDPA as a number read at run
+    time: the plain-torch graph calls ``.item()`` on it (found by the differential fuzzer, seed 3,
+    when the backend first wrote plain torch calls)."""
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v, temperature):
+            return torch.softmax(q @ k.transpose(-1, -2) * temperature.exp(), dim=-1) @ v
+
+    attention, (q, k, v) = Attention(), _qkv()
+    t = torch.tensor(-1.5)
+    fast = graphopt.optimize(attention, (q, k, v, t), capture=capture)
+    assert not fast.report.fallbacks and fast.report.attention["fused"] == 1, fast.report
+    sdpa = calls_to(fast, F.scaled_dot_product_attention)
+    assert len(sdpa) == 1 and isinstance(sdpa[0]["scale"], torch.fx.Node), sdpa
+    with torch.no_grad():
+        for temperature in (t, torch.tensor(0.25)):
+            torch.testing.assert_close(fast(q, k, v, temperature), attention(q, k, v, temperature),
+                                       rtol=1e-5, atol=1e-5)

@@ -89,16 +89,14 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
                 attrs[payload.node.target] = fetch_attr(imp.gm, payload.node.target)
             n = new.node_copy(payload.node, remap)
             fx_env[payload.node] = n
+            _bind_outputs(new, n, idx, node, ref_env, payload.tuple_valued)
         else:
             concrete = tuple((k, _plain(v)) for k, v in node.attrs)
             pos = get_op(node.op).scalar_operand
             args = [_number(graph, r) if k == pos and _number(graph, r) is not None else ref_env[r]
                     for k, r in enumerate(node.inputs)]
-            outs = _emit_op(new, graph, node, concrete, args)
-            for j, n in enumerate(outs):
+            for j, n in enumerate(_emit_op(new, graph, node, concrete, args)):
                 ref_env[node_ref(idx, j, len(node.outs))] = n
-            continue
-        _bind_outputs(new, n, idx, node, ref_env, graph.payloads[idx].tuple_valued)
 
     out = imp.output
     inputs = dict(zip(out.tensor_args, graph.outputs))

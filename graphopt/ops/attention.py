@@ -111,9 +111,15 @@ def _sdpa_compute(dom, x, a, mask=None):
     return [dom.mod(np.matmul(dom.softmax(scores, -1, keep), v))]
 
 
+def _scale(s):
+    """SDPA's ``scale`` must be a python number: a constant one is written into the graph as
+    it is, a scale computed at run time is read from its 0-d tensor (``.item()``)."""
+    return float(s) if isinstance(s, (int, float)) else s.item()
+
+
 def _sdpa_lower(t, a):
     q, k, v, s = t
-    return [F.scaled_dot_product_attention(q, k, v, scale=float(s), is_causal=a["is_causal"],
+    return [F.scaled_dot_product_attention(q, k, v, scale=_scale(s), is_causal=a["is_causal"],
                                            enable_gqa=a["enable_gqa"])]
 
 
@@ -144,7 +150,7 @@ def _sdpa_masked_infer(shapes, dtypes, attrs):
 
 def _sdpa_masked_lower(t, a):
     q, k, v, m, s = t
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=float(s), enable_gqa=a["enable_gqa"])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=_scale(s), enable_gqa=a["enable_gqa"])
     if m.is_floating_point():
         # a query whose keys are all masked with -inf: eager softmax gives NaN for its row, torch's
         # SDPA gives 0; keep eager's answer (found by the differential fuzzer, tests/test_fuzz.py)
