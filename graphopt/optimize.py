@@ -145,7 +145,8 @@ def _attention_blocks(imp) -> int:
     """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
     from .ir import OPAQUE, node_ref
     from .ops import get_op
-    targets = set(get_op("softmax").fx[0].targets)  # the plain spellings (not the cast-back form)
+    forms = get_op("softmax").fx   # the plain and safe spellings (not the cast-back form)
+    targets = {t for f in forms if f.parse is not forms[1].parse for t in f.targets}
     used = {r for node in imp.graph.nodes for r in node.inputs} | set(imp.graph.outputs)
     n = 0
     for idx, node in enumerate(imp.graph.nodes):

@@ -101,6 +101,7 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
         the optimised IR graph, or None when nothing was rewritten.
     """
     from .engines import ENGINES
+    from .explain import unfused_attention
     from .rewrite import MGraph, fold_constants, to_graph
     from .search import GraphCost
     lint = opts.lint or LINT_EVERY_STAGE
@@ -123,6 +124,7 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
     rep.applied, rep.search_seconds = applied, time.monotonic() - start
     by_id = {p.rule_id: p for step in plan for p in step.patterns}
     rep.rewrites = {k: f"{by_id[k].lhs.expression()}  ->  {by_id[k].rhs.expression()}" for k in applied}
+    rep.unfused = unfused_attention(mg)
     if not applied:  # (expanding composites alone changes nothing worth a new graph)
         rep.cost_after = rep.cost_before
         return None

@@ -20,6 +20,7 @@ class GraphReport:
     max_abs_diff: float = 0.0
     fallback: str | None = None
     attention: Counter = field(default_factory=Counter)  # blocks / fused / causal / masked / gqa
+    unfused: list = field(default_factory=list)  # why each attention block left alone was (graphopt.explain)
     notes: list = field(default_factory=list)  # why something was not done (e.g. an ONNX opset too old)
     phases: dict = field(default_factory=dict)  # schedule phase -> {"engine", "rulesets", "applied", "seconds"}
     op_counts: dict = field(default_factory=dict)  # "before"/"after" -> {torch op: calls} (torch frontend)
@@ -107,6 +108,21 @@ class Report:
                 total.update({k: v for k, v in g.attention.items() if k != "blocks"})
         return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa")}
 
+    @property
+    def attention_reasons(self) -> dict:
+        """Why the attention blocks that were not fused were not: ``{reason: blocks}``."""
+        out: Counter = Counter()
+        for g in self.graphs:
+            if g.fallback:
+                if g.attention["blocks"]:
+                    out[g.fallback] += g.attention["blocks"]
+                continue
+            out.update(g.unfused)
+            missing = g.attention["blocks"] - g.attention["fused"] - len(g.unfused)
+            if missing > 0:   # (a softmax the rewrite removed without fusing it: none known)
+                out["a softmax was removed without being fused"] += missing
+        return dict(out.most_common())
+
     def to_json(self) -> dict:
         return {
             "graphs": len(self.graphs),
@@ -120,6 +136,7 @@ class Report:
             "folded_constants": sum(g.folded for g in self.graphs),
             "max_abs_diff": self.max_abs_diff,
             "attention": self.attention,
+            "attention_not_fused": self.attention_reasons,
             "phases": self.phases,
             "notes": self.notes,
             "fallbacks": self.fallbacks,
@@ -150,6 +167,8 @@ def format_report(j: dict, title: str | None = None) -> str:
     if a["blocks"] or a["fused"]:
         lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
                      f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
+        for why, n in (j.get("attention_not_fused") or {}).items():
+            lines.append(f"  not fused      {n} block(s): {why}")
     lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
     for n in j["notes"]:
         lines.append(f"  note           {n}")

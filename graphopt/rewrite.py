@@ -277,8 +277,8 @@ class MGraph:
         const = set()
         for nid in self.topo_order():
             n = self.nodes[nid]
-            if (n.op == INPUT and n.const) or (n.op not in (INPUT, OPAQUE) and n.inputs
-                                                and all(v[0] in const for v in n.inputs)):
+            if (n.op == INPUT and n.const) or (n.op not in (INPUT, OPAQUE) and n.inputs and (
+                    get_op(n.op).type_only or all(v[0] in const for v in n.inputs))):
                 const.add(nid)
         return const
 
@@ -595,6 +595,7 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
         (new graph, {name: tensor} of the folded values it reads as constant inputs,
         the :class:`FoldProgram` that computes them).
     """
+    import torch
     from .backends.fx import run_op
     const = mg.const_nodes()
     # a view of constants (the transpose of a weight) that the rest of the graph reads stays
@@ -618,9 +619,13 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
             values[(nid, 0)] = constants[n.name]
             key[(nid, 0)] = n.name
             continue
-        out = run_op(n.op, n.attrs, *[values[v] for v in n.inputs])
+        if get_op(n.op).type_only:   # a constant of the input's dtype: never computed again
+            stand_ins = [torch.empty((), dtype=getattr(torch, mg.nodes[v[0]].outs[v[1]][1])) for v in n.inputs]
+            out = run_op(n.op, n.attrs, *stand_ins)
+        else:
+            out = run_op(n.op, n.attrs, *[values[v] for v in n.inputs])
+            steps.append((n.op, n.attrs, tuple(key[v] for v in n.inputs), tuple(_outs(nid, n))))
         outs = out if isinstance(out, tuple) else (out,)
-        steps.append((n.op, n.attrs, tuple(key[v] for v in n.inputs), tuple(_outs(nid, n))))
         for j, t in enumerate(outs):
             values[(nid, j)] = t
             v = (nid, j)
@@ -629,7 +634,9 @@ def fold_constants(mg: MGraph, constants: dict) -> tuple:
                 any(c not in const or c in views for c, _ in mg.consumers.get(v, ())) or v in mg.outputs)
             if used_outside:
                 name = f"_folded_{nid}_{j}"
-                folded[name], outputs[name] = t.detach().contiguous(), v
+                folded[name] = t.detach().contiguous()
+                if not get_op(n.op).type_only:
+                    outputs[name] = v
                 fid = new.add_node(MNode(INPUT, (), (), (n.outs[j],), name=name, const=True), intern=False)
                 new.replace_uses(v, (fid, 0))
     new.remove_dead()

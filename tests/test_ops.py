@@ -77,6 +77,11 @@ HAND_INSTANCES = {
     "alias": [([("a", "b")], {}), ([()], {})],
     "linear": [([("a", "b"), ("c", "b")], {}), ([(2, "a", "b"), ("c", "b")], {})],
     "permute": [([(2, 3, 4)], {"perm": (1, 2, 0)}), ([(2, "a", "b", 3)], {"perm": (0, 2, 3, 1)})],
+    "expand": [([(1, "b")], {"shape": ("a", "b")}), ([("a", 1)], {"shape": (2, "a", "b")})],
+    "unit_scale": [([("a", "b")], {}), ([()], {})],
+    "mask_bias": [([("a", "b")], {"dtype": "float64"}), ([(1, "b")], {"dtype": "float64", "keep": False})],
+    "fill_masked": [([("a", "b"), ("a", "b")], {"dtype": "float64"}),
+                    ([(2, "a", "b"), (1, "b")], {"dtype": "float64", "keep": False})],
 }
 
 
@@ -94,7 +99,7 @@ def instances(name):
     for shapes, attrs in candidates:
         full = op.full_attrs(attrs)
         try:
-            outs = op.infer_checked(shapes, ("float64",) * op.arity, full)
+            outs = op.infer_checked(shapes, _dtypes(op), full)
         except ShapeError:
             continue
         out.append((shapes, full, outs))
@@ -105,12 +110,20 @@ def concrete(full_attrs):
     return concrete_attrs(tuple(sorted(full_attrs.items())), BINDING)
 
 
+def _dtypes(op) -> tuple:
+    """float64 for every input, but a boolean mask where the op takes one."""
+    return tuple("bool" if k in op.bool_operands else "float64" for k in range(op.arity))
+
+
 def float_inputs(op, shapes, rng):
-    """Uniform inputs in [-1, 1]; a scalar operand is kept away from zero (sdiv divides)."""
+    """Uniform inputs in [-1, 1]; a scalar operand is kept away from zero (sdiv divides); a
+    boolean mask operand is drawn True or False."""
     arrays = []
     for pos, s in enumerate(shapes):
         shape = evaluate_shape(s, BINDING)
-        if pos == op.scalar_operand:
+        if pos in op.bool_operands:
+            arrays.append(rng.uniform(size=shape) < 0.5)
+        elif pos == op.scalar_operand:
             arrays.append(np.array(rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 2.0)))
         else:
             arrays.append(rng.uniform(-1.0, 1.0, size=shape))
@@ -121,7 +134,8 @@ def int_inputs(op, shapes, rng):
     """Small integer inputs (as float64).  With a scalar operand s != 0, the other
     inputs are multiples of s, so that even sdiv has an exact integer result."""
     arrays = [rng.integers(-4, 5, size=evaluate_shape(s, BINDING)).astype(np.float64)
-              for s in shapes]
+              if pos not in op.bool_operands else rng.uniform(size=evaluate_shape(s, BINDING)) < 0.5
+              for pos, s in enumerate(shapes)]
     if op.scalar_operand is not None:
         s = float(rng.choice([-3, -2, 2, 3]))
         arrays[op.scalar_operand] = np.array(s)
@@ -190,10 +204,10 @@ def test_expansion_computes_the_op(name):
     rng = np.random.default_rng(0)
     for shapes, full, _ in instances(name):
         concrete_shapes = [evaluate_shape(s, BINDING) for s in shapes]
-        xs = [rng.uniform(-1, 1, size=s) for s in concrete_shapes]
+        xs = float_inputs(op, shapes, rng)
         want = op.ref(xs, concrete(full))
         g = Graph()
-        refs = [g.add_input(f"x{k}", s, "float64") for k, s in enumerate(concrete_shapes)]
+        refs = [g.add_external(f"x{k}", s, dt) for k, (s, dt) in enumerate(zip(concrete_shapes, _dtypes(op)))]
         out = []
         for step_op, args, attrs in op.expand(concrete_shapes, concrete(full)):
             ins = [out[a[1]] if isinstance(a, tuple) else refs[a] for a in args]
@@ -350,7 +364,7 @@ def test_wrong_arity(name):
             op.infer_checked((shape_of(("a",)),) * n, ("float32",) * n, {})
 
 
-@pytest.mark.parametrize("name", [n for n in OP_NAMES if REGISTRY[n].arity >= 2])
+@pytest.mark.parametrize("name", [n for n in OP_NAMES if REGISTRY[n].arity - len(REGISTRY[n].bool_operands) >= 2])
 def test_mixed_dtypes(name):
     """Inputs of different dtypes raise ShapeError naming the op."""
     shapes, full, _ = instances(name)[0]
@@ -362,8 +376,14 @@ def test_mixed_dtypes(name):
 @pytest.mark.parametrize("name", OP_NAMES)
 def test_unsupported_dtype(name):
     shapes, full, _ = instances(name)[0]
-    with pytest.raises(ShapeError, match=rf"^{name}: unsupported dtype 'int32'"):
+    why = "unsupported dtype 'int32'|input 0 must be a boolean mask, got 'int32'"
+    with pytest.raises(ShapeError, match=rf"^{name}: ({why})"):
         REGISTRY[name].infer_checked(shapes, ("int32",) * len(shapes), full)
+
+
+def test_a_boolean_operand_must_be_boolean():
+    with pytest.raises(ShapeError, match=r"^fill_masked: input 1 must be a boolean mask, got 'float32'"):
+        REGISTRY["fill_masked"].infer_checked(((2, 3), (2, 3)), ("float32", "float32"), {"dtype": "float32"})
 
 
 @pytest.mark.parametrize("name", OP_NAMES)
@@ -532,6 +552,8 @@ def test_surrogate_non_degenerate(name):
     takes many distinct values, and is not the identity."""
     op = REGISTRY[name]
     shapes, full, _ = instances(name)[0]
+    if op.bool_operands or op.type_only:   # a mask made additive (two values by design, in no
+        return                              # rule); a constant of a dtype (unit_scale)
     if op.arity > 1:  # e.g. sdpa: random residues of the instance's shapes
         rng = np.random.default_rng(7)
         arrays = [rng.integers(1, PRIME, size=evaluate_shape(s, BINDING), dtype=np.int64) for s in shapes]

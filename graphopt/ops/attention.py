@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
-from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
+from .base import PRIME, AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
 
 aten = torch.ops.aten
 
@@ -28,17 +28,20 @@ def _softmax_infer(shapes, dtypes, attrs):
 
 softmax = register(OpDef(
     name="softmax", arity=1, algebraic=False,
-    doc="softmax over one axis (default the last).  Fingerprint: exp surrogate, normalised.",
-    attrs={"axis": AttrSpec("int", -1)},
+    doc="softmax over one axis (default the last).  Fingerprint: exp surrogate, normalised.  "
+        "``safe``: a row whose entries are all -inf gives zeros, not NaN (aten._safe_softmax, "
+        "what SDPA's own decomposition computes).",
+    attrs={"axis": AttrSpec("int", -1), "safe": AttrSpec("bool", False)},
     infer=_softmax_infer,
     compute=lambda dom, x, a: [dom.softmax(x[0], a["axis"])],
-    lower=lambda t, a: [torch.softmax(t[0], a["axis"])],
+    lower=lambda t, a: [aten._safe_softmax(t[0], a["axis"]) if a["safe"] else torch.softmax(t[0], a["axis"])],
     flops=lambda ins, outs, a: 5 * numel_int(outs[0]),
     fx=(FxForm((torch.softmax, F.softmax, "method:softmax", aten.softmax.int, aten._softmax.default),
                sp.softmax),
         # the fp32 upcast of half-precision attention weights, cast back: one softmax
         FxForm(("method:to", "method:type", aten.to.dtype, aten.to.dtype_layout, aten._to_copy.default),
-               sp.softmax_cast_back, priority=1)),
+               sp.softmax_cast_back, priority=1),
+        FxForm((aten._safe_softmax, aten._safe_softmax.default), sp.safe_softmax)),
     onnx=(OnnxForm("Softmax", ox.softmax),),
     to_onnx=ox.emit_softmax,
 ))
@@ -59,6 +62,93 @@ recip = register(OpDef(
     flops=lambda ins, outs, a: 1,
     onnx=(OnnxForm("Reciprocal", ox.recip),),
     to_onnx=ox.node("Reciprocal"),
+))
+
+
+def _unit_scale_infer(shapes, dtypes, attrs):
+    return [((), dtypes[0])]
+
+
+unit_scale = register(OpDef(
+    name="unit_scale", arity=1, algebraic=False, type_only=True,
+    doc="The scale 1 in the dtype of its input (attention written without a scale: T5, "
+        "GPT-Neo); a constant, folded when constants are folded.",
+    infer=_unit_scale_infer,
+    compute=lambda dom, x, a: [np.ones((), dtype=np.asarray(x[0]).dtype)],
+    lower=lambda t, a: [torch.ones((), dtype=t[0].dtype)],
+    flops=lambda ins, outs, a: 0,
+    to_onnx=None,
+))
+
+
+def _fill(dtype: str, neg_inf: bool) -> float:
+    return float("-inf") if neg_inf else torch.finfo(getattr(torch, dtype)).min
+
+
+def _mask_bias_infer(shapes, dtypes, attrs):
+    return [(shapes[0], attrs["dtype"])]
+
+
+def _mask_bias_compute(dom, x, a):
+    """0 / the fill; in the fingerprint domain the fill is the residue -1 (these ops appear in
+    no rule, so their fingerprint only needs to be deterministic)."""
+    keep = np.asarray(x[0]).astype(bool) == a["keep"]
+    if dom.name == "fingerprint":
+        return [np.where(keep, 0, PRIME - 1).astype(np.int64)]
+    return [np.where(keep, 0.0, -np.inf if a["neg_inf"] else -1e30)]
+
+
+def _mask_bias_lower(t, a):
+    drop = ~t[0] if a["keep"] else t[0]
+    zeros = torch.zeros_like(t[0], dtype=getattr(torch, a["dtype"]))
+    return [zeros.masked_fill(drop, _fill(a["dtype"], a["neg_inf"]))]
+
+
+mask_bias = register(OpDef(
+    name="mask_bias", arity=1, algebraic=False,
+    doc="A boolean mask as an additive one: 0 where an entry takes part, the masking fill "
+        "(-inf, or the dtype's lowest value) where it does not.  ``keep``: True marks the "
+        "entries that take part (``where(keep, x, fill)``), False the ones masked out "
+        "(``masked_fill(drop, fill)``).",
+    attrs={"dtype": AttrSpec("dtype"), "neg_inf": AttrSpec("bool", True), "keep": AttrSpec("bool", True)},
+    bool_operands=(0,),
+    infer=_mask_bias_infer,
+    compute=_mask_bias_compute,
+    lower=_mask_bias_lower,
+    flops=lambda ins, outs, a: numel_int(outs[0]),
+))
+
+
+def _fill_masked_infer(shapes, dtypes, attrs):
+    x, m = shapes
+    if dtypes[0] != attrs["dtype"]:
+        raise ShapeError(f"fill_masked: scores of dtype {dtypes[0]}, fill of dtype {attrs['dtype']}")
+    if len(m) > len(x) or any(dm != dx and not (dm.is_const and dm.const == 1) for dm, dx in zip(reversed(m), reversed(x))):
+        raise ShapeError(f"fill_masked: the mask's shape {m} does not broadcast to {x}")
+    return [(x, dtypes[0])]
+
+
+def _fill_masked_lower(t, a):
+    x, m = t
+    fill = _fill(a["dtype"], a["neg_inf"])
+    return [torch.where(m, x, fill) if a["keep"] else x.masked_fill(m, fill)]
+
+
+fill_masked = register(OpDef(
+    name="fill_masked", arity=2, algebraic=False,
+    doc="Scores with the entries a boolean mask excludes set to a masking fill (``where(keep, "
+        "x, fill)``, ``x.masked_fill(drop, fill)`` with a mask computed at run time); expanded "
+        "to ``badd(x, mask_bias(mask))``, which the softmax after it cannot tell apart.",
+    attrs={"dtype": AttrSpec("dtype"), "neg_inf": AttrSpec("bool", True), "keep": AttrSpec("bool", True)},
+    bool_operands=(1,),
+    infer=_fill_masked_infer,
+    compute=lambda dom, x, a: [dom.mod(x[0] + _mask_bias_compute(dom, x[1:], a)[0])],
+    lower=_fill_masked_lower,
+    flops=lambda ins, outs, a: numel_int(outs[0]),
+    fx=(FxForm((torch.where, "method:where", aten.where.self, aten.where.ScalarOther), sp.where_runtime_mask),
+        FxForm(("method:masked_fill", "method:masked_fill_", torch.masked_fill, aten.masked_fill.Scalar,
+                aten.masked_fill.Tensor), sp.masked_fill_runtime_mask)),
+    expand=lambda shapes, attrs: [("mask_bias", [1], dict(attrs)), ("badd", [0, ("step", 0)], {})],
 ))
 
 
@@ -117,6 +207,21 @@ def _scale(s):
     return float(s) if isinstance(s, (int, float)) else s.item()
 
 
+def _batched(fn):
+    """SDPA's fused CPU and GPU kernels take (batch, heads, seq, dim): a 3-D (batch*heads, seq,
+    dim) call (the bmm form) gets a leading axis and loses it after, else torch runs its
+    unfused math fallback, which materialises the scores again."""
+    def lower(t, a):
+        if t[0].dim() != 3:
+            return fn(t, a)
+        q, k, v, *rest = t
+        if len(rest) == 2 and rest[0].dim() == 3:    # sdpa_masked's mask
+            rest[0] = rest[0].unsqueeze(0)
+        out = fn([q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0), *rest], a)
+        return [out[0].squeeze(0)]
+    return lower
+
+
 def _sdpa_lower(t, a):
     q, k, v, s = t
     return [F.scaled_dot_product_attention(q, k, v, scale=_scale(s), is_causal=a["is_causal"],
@@ -129,7 +234,7 @@ sdpa = register(OpDef(
     attrs={"is_causal": AttrSpec("bool", False), "enable_gqa": AttrSpec("bool", False)},
     infer=_sdpa_infer,
     compute=_sdpa_compute,
-    lower=_sdpa_lower,
+    lower=_batched(_sdpa_lower),
     flops=_sdpa_flops,
     onnx=(),
     to_onnx=ox.emit_attention(False),
@@ -151,7 +256,7 @@ def _sdpa_masked_infer(shapes, dtypes, attrs):
 def _sdpa_masked_lower(t, a):
     q, k, v, m, s = t
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=_scale(s), enable_gqa=a["enable_gqa"])
-    if m.is_floating_point():
+    if m.is_floating_point() and not a["safe"]:
         # a query whose keys are all masked with -inf: eager softmax gives NaN for its row, torch's
         # SDPA gives 0; keep eager's answer (found by the differential fuzzer, tests/test_fuzz.py)
         dead = torch.isneginf(m).all(-1, keepdim=True)
@@ -161,11 +266,13 @@ def _sdpa_masked_lower(t, a):
 
 sdpa_masked = register(OpDef(
     name="sdpa_masked", arity=5, algebraic=False, scalar_operand=4,
-    doc="softmax(q @ k^T * s + mask) @ v, fused; the additive mask broadcasts to the scores.",
-    attrs={"enable_gqa": AttrSpec("bool", False)},
+    doc="softmax(q @ k^T * s + mask) @ v, fused; the additive mask broadcasts to the scores.  "
+        "A query whose keys are all masked with -inf gets NaN as in eager softmax, or zeros "
+        "with ``safe`` (a safe softmax).",
+    attrs={"enable_gqa": AttrSpec("bool", False), "safe": AttrSpec("bool", False)},
     infer=_sdpa_masked_infer,
     compute=lambda dom, x, a: _sdpa_compute(dom, (x[0], x[1], x[2], x[4]), a, mask=x[3]),
-    lower=_sdpa_masked_lower,
+    lower=_batched(_sdpa_masked_lower),
     flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2 + numel_int(ins[0][:-1]) * int(ins[1][-2]),
     onnx=(),
     to_onnx=ox.emit_attention(True),

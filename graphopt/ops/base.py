@@ -203,6 +203,11 @@ class OpDef:
         view: the op moves no data on a strided device (transpose, reshape, split).
         scalar_operand: position of an input that must be a 0-d tensor (smul, sdiv);
             the enumerator feeds scalars to no other position.
+        type_only: the value depends on the input's dtype only, never on its values
+            (``unit_scale``): computed once as a constant when constants are folded.
+        bool_operands: positions of inputs that are boolean masks (every other input is a
+            float tensor, all of one dtype).
+        any_dtype: the op only moves data, so its input may also be a boolean mask.
     """
 
     name: str
@@ -218,6 +223,9 @@ class OpDef:
     enum_attrs: Callable | None = None
     view: bool = False
     scalar_operand: int | None = None
+    type_only: bool = False
+    bool_operands: tuple = ()
+    any_dtype: bool = False
     fx: tuple = ()  # FxForm, ...: how torch.fx graphs (Dynamo and torch.export) spell it
     onnx: tuple = ()  # OnnxForm, ...: how ONNX spells it
     # ``(b, inputs, attrs, outputs) -> None``: write the op as ONNX nodes producing the
@@ -264,10 +272,16 @@ class OpDef:
     def infer_checked(self, shapes, dtypes, attrs) -> list:
         if len(shapes) != self.arity:
             raise ShapeError(f"{self.name} takes {self.arity} input(s), got {len(shapes)}")
-        for dt in dtypes:
-            if dt not in FLOAT_DTYPES:
+        floats = []
+        for k, dt in enumerate(dtypes):
+            if k in self.bool_operands:
+                if dt != "bool":
+                    raise ShapeError(f"{self.name}: input {k} must be a boolean mask, got {dt!r}")
+                continue
+            if dt not in FLOAT_DTYPES and not (self.any_dtype and dt == "bool"):
                 raise ShapeError(f"{self.name}: unsupported dtype {dt!r}")
-        if len(set(dtypes)) > 1:
+            floats.append(dt)
+        if len(set(floats)) > 1:
             raise ShapeError(f"{self.name}: inputs have different dtypes {list(dtypes)}")
         return self.infer(tuple(shapes), tuple(dtypes), attrs)
 
@@ -300,13 +314,17 @@ def _coerce_attr(op: str, key: str, kind: str, value):
             return Dim.of(value)
         if kind == "dims":
             return tuple(Dim.of(v) for v in value)
+        if kind == "dtype":
+            if value not in FLOAT_DTYPES:
+                raise ValueError
+            return value
     except (TypeError, ValueError, OverflowError):
         pass
     raise ShapeError(f"{op}: attribute {key!r} has invalid value {value!r}")
 
 
 REGISTRY: dict[str, OpDef] = {}
-ATTR_KINDS = ("int", "bool", "dim", "dims")
+ATTR_KINDS = ("int", "bool", "dim", "dims", "dtype")  # dtype: a name in FLOAT_DTYPES
 
 
 class RegistryError(ValueError):

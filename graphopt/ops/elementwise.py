@@ -93,7 +93,7 @@ smul = register(OpDef(
     lower=lambda t, a: [t[0] * t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
-    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.tensor_by_scalar(True)),),
+    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor, aten.mul.Scalar), sp.tensor_by_scalar(True)),),
     onnx=(OnnxForm("Mul", ox.by_scalar(True)),),
     to_onnx=ox.node("Mul"),
 ))

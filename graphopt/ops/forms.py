@@ -37,7 +37,7 @@ alias = register(OpDef(
     lower=lambda t, a: [t[0]],
     flops=lambda ins, outs, a: 0,
     fx=(FxForm((F.dropout, torch.dropout, aten.dropout.default), sp.dropout_at_inference),
-        FxForm(("method:contiguous", "method:clone", "method:float", "method:type", "method:to",
+        FxForm(("method:contiguous", "method:clone", "method:float", "method:type", "method:to", "method:type_as",
                 aten.clone.default, aten.alias.default, aten.contiguous.default, aten.to.dtype,
                 aten.to.dtype_layout, aten._to_copy.default), sp.same_value)),
     onnx=(OnnxForm("Identity", ox.unary), OnnxForm("Dropout", ox.dropout_at_inference),

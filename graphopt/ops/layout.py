@@ -121,6 +121,29 @@ split = register(OpDef(
 ))
 
 
+def _expand_infer(shapes, dtypes, attrs):
+    (s,) = shapes
+    target = attrs["shape"]
+    if len(s) > len(target) or any(d != t and not (d.is_const and d.const == 1)
+                                   for d, t in zip(reversed(s), reversed(target))):
+        raise ShapeError(f"expand: {s} does not broadcast to {target}")
+    return [(target, dtypes[0])]
+
+
+expand = register(OpDef(
+    name="expand", arity=1, algebraic=True, view=True, any_dtype=True,
+    doc="Broadcast to a larger shape without copying (``expand``, ``expand_as``, "
+        "``broadcast_to``): a mask made as large as the scores it masks.",
+    attrs={"shape": AttrSpec("dims")},
+    infer=_expand_infer,
+    compute=lambda dom, x, a: [np.broadcast_to(x[0], tuple(int(d) for d in a["shape"]))],
+    lower=lambda t, a: [t[0].expand(*[int(d) for d in a["shape"]])],
+    flops=lambda ins, outs, a: 0,
+    fx=(FxForm(("method:expand", "method:expand_as", torch.broadcast_to, "method:broadcast_to",
+                aten.expand.default), sp.expand),),
+))
+
+
 def _reshape_infer(shapes, dtypes, attrs):
     (s,) = shapes
     target = attrs["shape"]
@@ -143,7 +166,7 @@ def _product(values) -> int:
 
 
 reshape = register(OpDef(
-    name="reshape", arity=1, algebraic=True, view=True,
+    name="reshape", arity=1, any_dtype=True, algebraic=True, view=True,
     doc="Reshape to a shape with the same number of elements (row-major order).",
     attrs={"shape": AttrSpec("dims")},
     infer=_reshape_infer,

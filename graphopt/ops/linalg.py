@@ -37,7 +37,7 @@ matmul = register(OpDef(
     flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[0][-1]),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((torch.matmul, operator.matmul, "method:matmul", aten.matmul.default, aten.mm.default,
-                aten.bmm.default), sp.binary_tensors),),
+                torch.bmm, "method:bmm", aten.bmm.default), sp.binary_tensors),),
     onnx=(OnnxForm("MatMul", ox.matmul),),
     to_onnx=ox.node("MatMul"),
 ))

@@ -263,6 +263,14 @@ def reshape(args, kwargs, ctx):
     return [args[0]], {"shape": list(ctx.out_shapes[0])}
 
 
+def expand(args, kwargs, ctx):
+    """``x.expand(*sizes)`` / ``x.expand_as(y)`` / ``broadcast_to(x, shape)``: only x is an
+    operand (``y`` gives a shape, not a value), the node's own output shape is the target."""
+    if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
+        return None
+    return [args[0]], {"shape": list(ctx.out_shapes[0])}
+
+
 def softmax(args, kwargs, ctx):
     """``softmax(x, dim)``; a ``dtype`` argument equal to x's own dtype changes nothing.
     (A real upcast, fp16 scores to fp32, stays opaque.)"""
@@ -277,6 +285,17 @@ def softmax(args, kwargs, ctx):
     if not isinstance(dim, int) or not _no_kwargs(kwargs, ("dim", "dtype", "_stacklevel")):
         return None
     return [args[0]], {"axis": _neg(dim, ctx.rank(args[0]))}
+
+
+def safe_softmax(args, kwargs, ctx):
+    """``aten._safe_softmax(x, dim[, dtype])``: a softmax whose all -inf rows give zeros."""
+    if not args or not ctx.is_tensor(args[0]) or not _no_kwargs(kwargs, ("dtype",)):
+        return None
+    dim = _dim_arg(args, kwargs, 1, "dim")
+    dtype = _dim_arg(args, kwargs, 2, "dtype")
+    if not isinstance(dim, int) or dtype not in (None, getattr(torch, ctx.dtype(args[0]))):
+        return None
+    return [args[0]], {"axis": _neg(dim, ctx.rank(args[0])), "safe": True}
 
 
 def broadcast_add(args, kwargs, ctx):
@@ -340,6 +359,41 @@ def masked_fill_as_mask(args, kwargs, ctx):
     if drop is None or drop.dtype != torch.bool or fill is None:
         return None
     return [x, torch.where(drop, torch.full((), fill, dtype=dtype), torch.zeros((), dtype=dtype))], {}
+
+
+def _runtime_mask(mask, x, fill_arg, ctx):
+    """``(x, mask)`` and the fill's attributes, for a boolean mask computed at run time that
+    broadcasts to x (the result has x's shape) and a fill that masks entries out of a softmax."""
+    if not isinstance(mask, torch.fx.Node) or ctx.const_value(mask) is not None:
+        return None
+    if not (ctx.is_tensor(mask) and ctx.is_tensor(x)) or ctx.dtype(mask) != "bool":
+        return None
+    dtype = ctx.dtype(x)
+    if dtype not in ("float16", "bfloat16", "float32", "float64") or len(ctx.out_shapes) != 1 \
+            or tuple(ctx.out_shapes[0]) != tuple(ctx.shape(x)):
+        return None
+    fill = _masking_fill(fill_arg, ctx, getattr(torch, dtype))
+    if fill is None:
+        return None
+    return {"dtype": dtype, "neg_inf": fill == float("-inf")}
+
+
+def where_runtime_mask(args, kwargs, ctx):
+    """``torch.where(keep, x, fill)`` with a boolean ``keep`` computed at run time (an input,
+    ``attention_mask == 1``) and a masking fill: ``fill_masked(x, keep)``.  Any fill at most
+    half the dtype's lowest value gives the softmax after it the same weights as the lowest."""
+    if len(args) != 3 or kwargs:
+        return None
+    attrs = _runtime_mask(args[0], args[1], args[2], ctx)
+    return None if attrs is None else ([args[1], args[0]], dict(attrs, keep=True))
+
+
+def masked_fill_runtime_mask(args, kwargs, ctx):
+    """``x.masked_fill(drop, fill)`` with a boolean ``drop`` computed at run time."""
+    if len(args) != 3 or kwargs:
+        return None
+    attrs = _runtime_mask(args[1], args[0], args[2], ctx)
+    return None if attrs is None else ([args[0], args[1]], dict(attrs, keep=False))
 
 
 def integer_power(args, kwargs, ctx):

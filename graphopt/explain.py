@@ -1,0 +1,114 @@
+"""Why an attention block was left alone: one reason per softmax that the rewrite left in
+the graph, for the report (``attention 0 of 2 fused: soft-capping (tanh) on the scores is
+not expressible in SDPA``).
+
+The reasons are read off the optimised graph around each remaining softmax: what the
+scores went through between ``Q K^T`` and the softmax, and what the weights go through
+before ``@ V``.  A block SDPA could compute exactly but no rule matched is said to be so
+(a form to add as a rule), never hidden.
+
+Example:
+    >>> reasons = unfused_attention(mg)      # an MGraph after the rewrite phases
+    >>> reasons
+    ['soft-capping (tanh) on the scores is not expressible in SDPA']
+"""
+from __future__ import annotations
+
+from .ir import OPAQUE
+from .ops.base import ITEMSIZE
+
+# ops a score passes through on its way from Q K^T to the softmax (scale, masks, casts)
+_ON_SCORES = {"smul", "sdiv", "sadd", "badd", "add", "mul", "alias", "neg", "tanh", "reshape", "transpose",
+              "fill_masked"}
+SOFT_CAP = "soft-capping (tanh) on the scores is not expressible in SDPA"
+SINKS = "attention sinks (an extra logit per head, dropped after the softmax) are not expressible in SDPA"
+LOWER_CAST = "the weights are cast to a lower precision between the matmuls, which SDPA does not do"
+NO_V = "the softmax's output does not feed a matmul with V (not an attention form)"
+TENSOR_SCALE = "the scale is a tensor (per head or per query), and SDPA takes one number"
+OTHER_AXIS = "the softmax is not over the keys (the last axis)"
+
+
+def _opaque_name(node) -> str:
+    fx_node = getattr(node.payload, "node", None)
+    if fx_node is None:
+        return getattr(node.payload, "op_type", "an op graphopt does not model")
+    target = fx_node.target
+    return f".{target}()" if fx_node.op == "call_method" else getattr(target, "__name__", str(target))
+
+
+def _producer(mg, value):
+    return mg.nodes[value[0]]
+
+
+def _consumers(mg, nid) -> list:
+    node = mg.nodes[nid]
+    return [mg.nodes[c] for j in range(len(node.outs)) for c, _ in mg.consumers.get((nid, j), ())]
+
+
+def _scores_path(mg, value, limit: int = 12) -> list:
+    """The nodes from the softmax's input back to the matmul that made the scores (or as far
+    as the ops on the way are ones a score passes through)."""
+    path = []
+    for _ in range(limit):
+        node = _producer(mg, value)
+        path.append(node)
+        if node.op in ("matmul", "input") or node.op == OPAQUE or node.op not in _ON_SCORES:
+            break
+        # follow the operand that carries the scores (the full-size one)
+        value = max(node.inputs, key=lambda v: len(mg.nodes[v[0]].outs[v[1]][0]) if mg.nodes[v[0]].op != "input"
+                    or not mg.nodes[v[0]].const else -1)
+    return path
+
+
+def why_not_fused(mg, nid) -> str:
+    """The reason the softmax node ``nid`` is still in the graph."""
+    sm = mg.nodes[nid]
+    attrs = dict(sm.attrs)
+    rank = len(sm.outs[0][0])
+    if attrs.get("axis", -1) % max(rank, 1) != rank - 1:
+        return OTHER_AXIS
+    path = _scores_path(mg, sm.inputs[0])
+    if any(n.op == "tanh" for n in path):
+        return SOFT_CAP
+    if any(n.op == "concat" for n in path[:1]):
+        return SINKS
+    users = _consumers(mg, nid)
+    if users and all(u.op == "split" or (u.op == OPAQUE and _opaque_name(u) in ("getitem", "narrow", ".narrow()"))
+                     for u in users):
+        return SINKS     # the weights are sliced: the softmax ran over more logits than keys
+    dtype = sm.outs[0][1]
+    for u in users:
+        if u.op == OPAQUE and u.outs and u.outs[0][1] in ITEMSIZE and ITEMSIZE[u.outs[0][1]] < ITEMSIZE.get(dtype, 0):
+            return LOWER_CAST
+    if not any(u.op == "matmul" and u.inputs[0] == (nid, 0) for u in users):
+        opaque = [u for u in users if u.op == OPAQUE]
+        if opaque:
+            return f"{_opaque_name(opaque[0])} between the softmax and @ V is not modelled"
+        return NO_V
+    for n in path:
+        if n.op == "mul":
+            return TENSOR_SCALE
+        if n.op == OPAQUE:
+            return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
+    if any(n.op == "reshape" for n in path):
+        return ("the scores are reshaped between Q K^T and the softmax (a (batch*heads) view), which "
+                "no rule covers: SDPA could compute it")
+    return "no attention rule matches this form (SDPA could compute it: a rule to add)"
+
+
+def unfused_attention(mg) -> list:
+    """One reason per softmax left in the graph (modelled, or an opaque spelling), in graph
+    order."""
+    out = []
+    for nid in mg.topo_order():
+        node = mg.nodes[nid]
+        if node.op == "softmax":
+            out.append(why_not_fused(mg, nid))
+        elif node.op == OPAQUE and "softmax" in _opaque_name(node).lower() and any(
+                mg.consumers.get((nid, j)) or (nid, j) in mg.outputs for j in range(len(node.outs))):
+            out.append(f"the softmax is spelled in a way graphopt does not model ({_opaque_name(node)} "
+                       f"with these arguments)")
+    return out
+
+
+__all__ = ["unfused_attention", "why_not_fused", "SOFT_CAP", "SINKS", "LOWER_CAST"]
