@@ -3,8 +3,10 @@
 A rule must hold for every size, so the generator works with *symbolic*
 dimensions: each is a linear form over size symbols with a non-negative
 integer constant, e.g. ``a``, ``2c``, ``b+d`` or ``1``.  Concatenating two
-tensors adds their dimensions; splitting subtracts.  Concrete graphs (a real
-model) use constant dimensions only, so one type serves both.
+tensors adds their dimensions; splitting subtracts.  A term may also be a
+product of symbols, ``b*h`` (the batch and head axes merged into one by a
+reshape, as 3-D attention code does).  Concrete graphs (a real model) use
+constant dimensions only, so one type serves both.
 
 Example:
     >>> a, c = Dim.sym("a"), Dim.sym("c")
@@ -20,7 +22,16 @@ from __future__ import annotations
 import re
 from typing import Mapping
 
-_TERM = re.compile(r"^(\d*)([A-Za-z_][A-Za-z_0-9]*)$")
+_TERM = re.compile(r"^(\d*)([A-Za-z_][A-Za-z_0-9]*(?:\*[A-Za-z_][A-Za-z_0-9]*)*)$")
+
+
+def factors(term: str) -> list:
+    """The symbols a term multiplies: ``"b*h"`` -> ``["b", "h"]``."""
+    return term.split("*")
+
+
+def _monomial(names) -> str:
+    return "*".join(sorted(names))
 
 
 class Dim:
@@ -64,7 +75,8 @@ class Dim:
             m = _TERM.match(part)
             if not m:
                 raise ValueError(f"invalid dimension {text!r}")
-            terms[m.group(2)] = terms.get(m.group(2), 0) + int(m.group(1) or 1)
+            name = _monomial(factors(m.group(2)))
+            terms[name] = terms.get(name, 0) + int(m.group(1) or 1)
         return Dim(tuple(terms.items()), const)
 
     @property
@@ -73,7 +85,23 @@ class Dim:
 
     @property
     def symbols(self) -> tuple:
-        return tuple(s for s, _ in self.terms)
+        """The size symbols this dimension depends on (the factors of a product too)."""
+        out: list = []
+        for s, _ in self.terms:
+            for f in factors(s):
+                if f not in out:
+                    out.append(f)
+        return tuple(out)
+
+    def monomial(self):
+        """``(coefficient, sorted symbols)`` when the dimension is one product (``2b*h``, ``a``,
+        ``3``), else None."""
+        if not self.terms:
+            return self.const, ()
+        if len(self.terms) == 1 and not self.const:
+            s, c = self.terms[0]
+            return c, tuple(factors(s))
+        return None
 
     def __add__(self, other) -> "Dim":
         other = Dim.of(other)
@@ -107,14 +135,14 @@ class Dim:
 
     def evaluate(self, binding: Mapping[str, int]) -> int:
         try:
-            return self.const + sum(c * binding[s] for s, c in self.terms)
+            return self.const + sum(c * _product(binding[f] for f in factors(s)) for s, c in self.terms)
         except KeyError as e:
             raise ValueError(f"no size given for symbol {e.args[0]!r} in dimension {self}") from None
 
     def rename(self, mapping: Mapping[str, str]) -> "Dim":
         merged: dict[str, int] = {}
         for s, c in self.terms:
-            t = mapping.get(s, s)
+            t = _monomial(mapping.get(f, f) for f in factors(s))
             merged[t] = merged.get(t, 0) + c
         return Dim(tuple(merged.items()), self.const)
 
@@ -136,6 +164,31 @@ class Dim:
         return "+".join(parts)
 
     __repr__ = __str__
+
+
+def _product(values) -> int:
+    out = 1
+    for v in values:
+        out *= v
+    return out
+
+
+def same_size(a, b) -> bool:
+    """Whether two shapes hold the same number of elements for every size: each dimension
+    a product of symbols (or a number), and the products agree (``(b*h, t, n)`` and
+    ``(b, h, t, n)``)."""
+    from collections import Counter
+    out = []
+    for shape in (a, b):
+        coeff, syms = 1, Counter()
+        for d in shape:
+            m = Dim.of(d).monomial()
+            if m is None:
+                return False
+            coeff *= m[0]
+            syms.update(m[1])
+        out.append((coeff, syms))
+    return out[0] == out[1]
 
 
 Shape = tuple  # tuple[Dim, ...]
@@ -194,20 +247,23 @@ def solve(pairs, binding: Mapping[str, int] | None = None):
     while pending and progress:
         progress, rest = False, []
         for d, v in pending:
-            unknown = [(s, c) for s, c in d.terms if s not in out]
+            unknown = [(s, c) for s, c in d.terms if any(f not in out for f in factors(s))]
             if not unknown:
                 if d.evaluate(out) != v:
                     return None
                 progress = True
-            elif len(unknown) == 1:
+                continue
+            missing = [f for s, _ in unknown for f in factors(s) if f not in out]
+            if len(unknown) == 1 and len(missing) == 1:
                 s, c = unknown[0]
-                known = d.const + sum(k * out[t] for t, k in d.terms if t in out)
+                c *= _product(out[f] for f in factors(s) if f in out)
+                known = d.const + sum(k * _product(out[f] for f in factors(t)) for t, k in d.terms if (t, k) != (s, unknown[0][1]))
                 if (v - known) <= 0 or (v - known) % c:
                     return None
-                out[s] = (v - known) // c
+                out[missing[0]] = (v - known) // c
                 progress = True
             else:
                 rest.append((d, v))
         pending = rest
-    unsolved = sorted({s for d, _ in pending for s in d.symbols if s not in out})
+    unsolved = sorted({f for d, _ in pending for f in d.symbols if f not in out})
     return out, unsolved

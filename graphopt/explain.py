@@ -26,12 +26,16 @@ LOWER_CAST = "the weights are cast to a lower precision between the matmuls, whi
 NO_V = "the softmax's output does not feed a matmul with V (not an attention form)"
 TENSOR_SCALE = "the scale is a tensor (per head or per query), and SDPA takes one number"
 OTHER_AXIS = "the softmax is not over the keys (the last axis)"
+RETURNED = ("the attention weights are an output of the captured graph (returned at a graph break, "
+            "or asked for), so they must be computed anyway")
 
 
 def _opaque_name(node) -> str:
     fx_node = getattr(node.payload, "node", None)
     if fx_node is None:
-        return getattr(node.payload, "op_type", "an op graphopt does not model")
+        return "an op graphopt does not model"
+    if hasattr(fx_node, "op_type"):     # an ONNX NodeProto
+        return fx_node.op_type
     target = fx_node.target
     return f".{target}()" if fx_node.op == "call_method" else getattr(target, "__name__", str(target))
 
@@ -67,6 +71,8 @@ def why_not_fused(mg, nid) -> str:
     rank = len(sm.outs[0][0])
     if attrs.get("axis", -1) % max(rank, 1) != rank - 1:
         return OTHER_AXIS
+    if any((nid, j) in mg.outputs for j in range(len(sm.outs))):
+        return RETURNED
     path = _scores_path(mg, sm.inputs[0])
     if any(n.op == "tanh" for n in path):
         return SOFT_CAP
@@ -84,6 +90,9 @@ def why_not_fused(mg, nid) -> str:
         opaque = [u for u in users if u.op == OPAQUE]
         if opaque:
             return f"{_opaque_name(opaque[0])} between the softmax and @ V is not modelled"
+        if any(u.op == "reshape" for u in users):
+            return ("the weights are reshaped between the softmax and @ V (a (batch*heads) view), which "
+                    "no rule covers: SDPA could compute it")
         return NO_V
     for n in path:
         if n.op == "mul":
@@ -96,19 +105,58 @@ def why_not_fused(mg, nid) -> str:
     return "no attention rule matches this form (SDPA could compute it: a rule to add)"
 
 
+_PASS_WEIGHTS = {"alias", "reshape", "split", "transpose", OPAQUE}   # casts, dropout, views, slices
+
+
+def _is_softmax(node) -> bool:
+    return node.op == "softmax" or (node.op == OPAQUE and "softmax" in _opaque_name(node).lower())
+
+
+def is_attention(mg, nid, hops: int = 4) -> bool:
+    """Whether a softmax's weights are multiplied with values (``softmax(...) @ V``, through
+    casts, dropout, views and slices): an attention block, not a router's gate."""
+    frontier = [(nid, j) for j in range(len(mg.nodes[nid].outs))]
+    for _ in range(hops):
+        nxt = []
+        for value in frontier:
+            for c, pos in mg.consumers.get(value, ()):
+                node = mg.nodes[c]
+                if node.op in ("matmul", "matmul_heads") and pos == 0:
+                    return True
+                if node.op == OPAQUE and any(k in _opaque_name(node) for k in ("matmul", "bmm", "einsum", "MatMul")):
+                    return True
+                if node.op in _PASS_WEIGHTS:
+                    nxt.extend((c, j) for j in range(len(node.outs)))
+        frontier = nxt
+    return False
+
+
+def attention_softmaxes(mg) -> list:
+    """The softmax nodes (modelled or opaque spellings) that are attention blocks."""
+    return [nid for nid in mg.topo_order() if _is_softmax(mg.nodes[nid]) and is_attention(mg, nid)]
+
+
+def attention_blocks(graph) -> int:
+    """Attention blocks in an imported IR graph, fused or not (what the report counts)."""
+    from .rewrite import MGraph
+    mg, _ = MGraph.from_graph(graph)
+    mg.remove_dead()   # e.g. the fp32 softmax whose cast back became one softmax
+    return len(attention_softmaxes(mg))
+
+
 def unfused_attention(mg) -> list:
-    """One reason per softmax left in the graph (modelled, or an opaque spelling), in graph
-    order."""
+    """One reason per attention softmax left in the graph (modelled, or an opaque spelling),
+    in graph order."""
     out = []
-    for nid in mg.topo_order():
+    for nid in attention_softmaxes(mg):
         node = mg.nodes[nid]
         if node.op == "softmax":
             out.append(why_not_fused(mg, nid))
-        elif node.op == OPAQUE and "softmax" in _opaque_name(node).lower() and any(
-                mg.consumers.get((nid, j)) or (nid, j) in mg.outputs for j in range(len(node.outs))):
+        else:
             out.append(f"the softmax is spelled in a way graphopt does not model ({_opaque_name(node)} "
                        f"with these arguments)")
     return out
 
 
-__all__ = ["unfused_attention", "why_not_fused", "SOFT_CAP", "SINKS", "LOWER_CAST"]
+__all__ = ["attention_blocks", "attention_softmaxes", "is_attention", "unfused_attention", "why_not_fused",
+           "SOFT_CAP", "SINKS", "LOWER_CAST", "RETURNED"]

@@ -95,9 +95,6 @@ class FxFrontend:
         return import_fx(self.original, self.example_inputs,
                          constant_inputs=self.known)
 
-    def attention_blocks(self, imp) -> int:
-        return _attention_blocks(imp)
-
     def adjust(self, imp, plan, rep):
         return plan
 
@@ -139,28 +136,6 @@ def optimize_graph_module(gm, example_inputs, opts: Options, root=None, eager=No
     from .pipeline import optimize_with
     return optimize_with(FxFrontend(gm, example_inputs, opts, root, eager), opts,
                          _cost_model(opts, example_inputs), stage=stage)
-
-
-def _attention_blocks(imp) -> int:
-    """Softmax calls in the captured graph, in any spelling: the attention blocks to fuse."""
-    from .ir import OPAQUE, node_ref
-    from .ops import get_op
-    forms = get_op("softmax").fx   # the plain and safe spellings (not the cast-back form)
-    targets = {t for f in forms if f.parse is not forms[1].parse for t in f.targets}
-    used = {r for node in imp.graph.nodes for r in node.inputs} | set(imp.graph.outputs)
-    n = 0
-    for idx, node in enumerate(imp.graph.nodes):
-        if node.op == "softmax":
-            n += 1
-        elif node.op == OPAQUE and node_ref(idx, 0, len(node.outs)) in used:  # (an fp32 upcast whose
-            # cast back became a softmax of its own is not used any more)
-            fx_node = imp.graph.payloads[idx].node
-            target = f"method:{fx_node.target}" if fx_node.op == "call_method" else fx_node.target
-            try:
-                n += target in targets
-            except TypeError:
-                pass
-    return n
 
 
 def _parameters(gm, example_inputs) -> dict:

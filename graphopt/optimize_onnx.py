@@ -84,9 +84,6 @@ class OnnxFrontend:
         from .frontends.onnx import import_onnx
         return import_onnx(self.original)
 
-    def attention_blocks(self, imp) -> int:
-        return sum(1 for n in imp.model.graph.node if n.op_type == "Softmax")
-
     def adjust(self, imp, plan, rep):
         """Fused attention is written as ONNX's ``Attention``, which needs opset 23: below
         that, the attention ruleset is not in the schedule."""

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Protocol
 
 from .errors import GraphoptError, first_line
+from .explain import attention_blocks
 from .options import Options
 from .report import GraphReport, fused_attention
 from .verify import TOLERANCES
@@ -35,9 +36,6 @@ class Frontend(Protocol):
     what: str                              # what the original is, for the report: "graph", "model"
 
     def import_graph(self):                # -> an import with ``.graph`` (IR) and ``.counts``
-        ...
-
-    def attention_blocks(self, imp) -> int:    # attention blocks in the model, fused or not
         ...
 
     def adjust(self, imp, plan: list, rep: GraphReport) -> list:  # drop what cannot be exported
@@ -69,7 +67,7 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> 
         imp = frontend.import_graph()                                   # import
         rep.nodes = len(imp.graph.nodes)
         rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
-        rep.attention["blocks"] = frontend.attention_blocks(imp)
+        rep.attention["blocks"] = attention_blocks(imp.graph)
         plan = frontend.adjust(imp, plan, rep)
         stage("search")
         graph = transform(imp.graph, plan, cost_model, opts, rep)       # canonicalise, fuse, search, fold
@@ -153,8 +151,8 @@ def expand_composites(mg) -> tuple:
     """Replace every registry node whose op is defined as other ops (``OpDef.expand``)
     by those ops; returns ``(graph, how many were expanded)``."""
     from .ops import get_op
+    from .ir import OPAQUE, concrete_attrs
     from .rewrite import INPUT, MNode
-    from .ir import OPAQUE
     todo = [nid for nid in mg.topo_order() if mg.nodes[nid].op not in (INPUT, OPAQUE)
             and get_op(mg.nodes[nid].op).expand is not None]
     if not todo:
@@ -174,7 +172,8 @@ def expand_composites(mg) -> tuple:
             full = opdef.full_attrs(attrs)
             outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in types], [dt for _, dt in types], full)
             outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
-            mnode = MNode(op, ins, tuple(sorted(full.items())), outs, after=node.after)
+            mnode = MNode(op, ins, tuple(sorted(concrete_attrs(tuple(full.items()), {}).items())), outs,
+                          after=node.after)
             refs.append((new.add_node(mnode, intern=not node.after), 0))
         if new.type_of(refs[-1]) != node.outs[0]:
             raise GraphoptError(f"internal error: the expansion of {node.op} changes its type")

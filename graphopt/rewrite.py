@@ -378,6 +378,35 @@ def _bind_type(binding, pshape, value_shape):
     return solved[0]
 
 
+_PENDING = "__pending__"   # attribute sizes not solvable yet (b*h before b or h is known)
+
+
+def _unify_attrs(pattrs, gattrs, binding):
+    """Attributes equal, symbolic sizes (alone or in a shape tuple) unified with the graph's;
+    a size that other parts of the match must fix first stays pending (None: no match)."""
+    pairs = list(binding.pop(_PENDING, ()))
+    for (pk, pv), (gk, gv) in zip(pattrs, gattrs):
+        if pk != gk:
+            return None
+        if isinstance(pv, Dim):
+            pairs.append((pv, gv))
+        elif isinstance(pv, tuple) and any(isinstance(d, Dim) for d in pv):
+            if not isinstance(gv, tuple) or len(gv) != len(pv):
+                return None
+            pairs.extend(zip(pv, gv))
+        elif pv != gv:
+            return None
+    if not pairs:
+        return binding
+    solved = solve(pairs, binding)
+    if solved is None:
+        return None
+    out, unsolved = solved
+    if unsolved:
+        out[_PENDING] = tuple((d, v) for d, v in pairs if any(f in unsolved for f in Dim.of(d).symbols))
+    return out
+
+
 def find_matches(mg: MGraph, pattern: Pattern, limit: int | None = None) -> list:
     """All matches of the pattern in the graph (deterministic order)."""
     lhs = pattern.lhs
@@ -400,18 +429,7 @@ def _extend(mg, pattern, step, nodes, values, binding):
     pnode, gnode = lhs.nodes[k], mg.nodes[gid]
     if gnode.op != pnode.op or len(gnode.inputs) != len(pnode.inputs):
         return
-    # attributes: equal, symbolic sizes unified
     binding = dict(binding)
-    for (pk, pv), (gk, gv) in zip(pnode.attrs, gnode.attrs):
-        if pk != gk:
-            return
-        if isinstance(pv, Dim):
-            solved = solve([(pv, gv)], binding)
-            if solved is None or solved[1]:
-                return
-            binding = solved[0]
-        elif pv != gv:
-            return
     values = dict(values)
     # outputs of this node
     for j in range(len(pnode.outs)):
@@ -437,8 +455,12 @@ def _extend(mg, pattern, step, nodes, values, binding):
         elif key in nodes and nodes[key] != gval[0]:
             return
         values[pref] = gval
+    # attributes (after the inputs, whose shapes bind the symbols a product such as b*h needs)
+    binding = _unify_attrs(pnode.attrs, gnode.attrs, binding)
+    if binding is None:
+        return
     if step + 1 == len(pattern.order):
-        if _closed(mg, pattern, nodes, values):
+        if _PENDING not in binding and _closed(mg, pattern, nodes, values):
             yield Match(pattern, dict(nodes), values, binding, ())
         return
     nxt = pattern.order[step + 1]

@@ -44,7 +44,8 @@ Statements (a statement starts in column 1; the lines of its block are indented)
     names that other families bind, not itself).  The block holds:
 
     * ``inputs NAME:(DIMS)[:DTYPE] ...`` (may be repeated): the inputs in order.
-      ``()`` is a scalar; a dim is a symbol or a sum such as ``c+d``, ``2c``, ``1``;
+      ``()`` is a scalar; a dim is a symbol or a sum such as ``c+d``, ``2c``, ``1``, whose
+      terms may be products of symbols (``b*h``: two axes merged by a reshape);
       the dtype defaults to ``float32`` (``X:(a,b):bfloat16``).
     * exactly one equation ``LEFT == RIGHT [if NAME GUARD, NAME GUARD ...]``; each side
       is one expression or several, comma-separated (a rule with several mapped
@@ -225,7 +226,8 @@ _RULE_NAME = re.compile(r"[A-Za-z0-9_.{}-]+")
 _LABEL = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 _SET_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _GUARD = re.compile(r"[^\s,]+")
-_DIM_TEXT = re.compile(r"(\d*[A-Za-z_][A-Za-z0-9_]*|\d+)(\s*\+\s*(\d*[A-Za-z_][A-Za-z0-9_]*|\d+))*$")
+_DIM_TERM = r"(\d*[A-Za-z_][A-Za-z0-9_]*(\*[A-Za-z_][A-Za-z0-9_]*)*|\d+)"
+_DIM_TEXT = re.compile(rf"{_DIM_TERM}(\s*\+\s*{_DIM_TERM})*$")
 _TOKEN = re.compile(r"==|[A-Za-z0-9_.:-]+|\S")
 
 
@@ -459,7 +461,7 @@ def _parse_dims(cur: _Cursor, name: str) -> tuple:
         m = cur.take(re.compile(r"[^,()\s]+(?:\s*\+\s*[^,()\s]+)*"))
         if not m or not _DIM_TEXT.match(m.group()):
             cur.fail(f"bad inputs declaration: invalid dimension {m.group() if m else cur.found()} "
-                     f"in the shape of {name} (a dim is a symbol, a number or a sum like c+d)", at)
+                     f"in the shape of {name} (a dim is a symbol, a number, a product like b*h or a sum like c+d)", at)
         dim = Dim.parse(m.group())
         if dim == 0 or dim.const > MAX_CONST_DIM or any(c > MAX_COEFF for _, c in dim.terms):
             cur.fail(f"bad inputs declaration: dimension {m.group()!r} of {name} is zero or too large", at)

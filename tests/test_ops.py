@@ -79,6 +79,10 @@ HAND_INSTANCES = {
     "permute": [([(2, 3, 4)], {"perm": (1, 2, 0)}), ([(2, "a", "b", 3)], {"perm": (0, 2, 3, 1)})],
     "expand": [([(1, "b")], {"shape": ("a", "b")}), ([("a", 1)], {"shape": (2, "a", "b")})],
     "unit_scale": [([("a", "b")], {}), ([()], {})],
+    "baddbmm": [([("a", 1, "c"), ("a", "b", "d"), ("a", "d", "c"), ()], {}),
+                ([("b", "c"), ("a", "b", "d"), ("a", "d", "c"), ()], {})],
+    "bcast_add": [([("a", 1), (1, "b")], {}), ([(2, 1, "b"), ("a", "b")], {})],
+    "matmul_heads": [([(2, 1, "a", "b"), (2, 3, "b", "c")], {}), ([(3, "a", "b"), (1, "b", "c")], {})],
     "mask_bias": [([("a", "b")], {"dtype": "float64"}), ([(1, "b")], {"dtype": "float64", "keep": False})],
     "fill_masked": [([("a", "b"), ("a", "b")], {"dtype": "float64"}),
                     ([(2, "a", "b"), (1, "b")], {"dtype": "float64", "keep": False})],
@@ -310,6 +314,8 @@ VALID_CASES = [
     ("reshape", [(2, 6)], {"shape": (3, 4)}, [(3, 4)]),
     ("reshape", [(2, 3, 4)], {"shape": (24,)}, [(24,)]),
     ("reshape", [("a", "b")], {"shape": ("a", "b")}, [("a", "b")]),
+    ("reshape", [("a*b", "c", "d")], {"shape": ("a", "b", "c", "d")}, [("a", "b", "c", "d")]),
+    ("reshape", [("a", "b", "c")], {"shape": ("a*b", "c")}, [("a*b", "c")]),
 ]
 
 
@@ -340,7 +346,8 @@ INVALID_CASES = [
     ("split", [(4, "b")], {"axis": 0, "left": 5}, "cannot split"),
     ("split", [("a",)], {"axis": 1, "left": 1}, "out of range"),
     ("reshape", [(2, 6)], {"shape": (5, 2)}, "12 elements into 10"),
-    ("reshape", [("a", "b")], {"shape": ("b", "a")}, "symbolic"),
+    ("reshape", [("a", "b")], {"shape": ("a", "a")}, "for every size"),
+    ("reshape", [("a*b", "c")], {"shape": ("a", "c", "c")}, "for every size"),
     ("reduce_sum", [()], {"axis": 0}, "out of range"),
     ("transpose", [("a",)], {}, "out of range"),
     ("transpose", [("a", "b")], {"dim0": 1, "dim1": -1}, "same axis"),

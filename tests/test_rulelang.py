@@ -82,8 +82,20 @@ PINNED = {
         ("relu-idempotent", "r9bd4fcce57"),
         ("sdiv-smul-cancel", "rc2958be515"),
         ("add-as-badd-before-softmax", "rabc80ab560"),
-        ("mask-sum-badd", "r5b4e3151fd"),
-        ("mask-sum-add", "r64be2b6f20"),
+        ("mask-sum-badd", "r257320ae6f"),
+        ("mask-sum-add", "r33c5733fe4"),
+        ("mask-sum-row", "r65f179e432"),
+        ("mask-sum-then-row-badd", "rc6969e04aa"),
+        ("mask-sum-then-row-add", "r9baa3d8a83"),
+        ("mask-sum-rows", "r081da527c5"),
+        ("repeat-heads-of-transpose", "rf428a30a97"),
+        ("lift-scores-matmul", "r73f36f637d"),
+        ("lift-scores-scale", "r319264f0aa"),
+        ("lift-scores-bias", "rf14b84f224"),
+        ("lift-softmax", "r75a6cd2de2"),
+        ("lift-weights-matmul", "r9f84b94200"),
+        ("unmerge-merge", "r3aa8982622"),
+        ("merge-unmerge", "r7b7aed4fca"),
     ],
 }
 
@@ -108,7 +120,7 @@ def shipped():
 def test_shipped_files_pin_every_rule(shipped):
     for stem in FILES:
         assert [(r.name, r.id) for r in shipped[stem]] == PINNED[stem], stem
-    assert sum(len(v) for v in PINNED.values()) == 64
+    assert sum(len(v) for v in PINNED.values()) == 76
 
 
 def test_shipped_rules_pass_the_verifier(shipped):

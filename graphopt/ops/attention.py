@@ -9,10 +9,13 @@ same float verifier as every other rule.
 """
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..dims import Dim
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
@@ -292,6 +295,12 @@ def _repeat_heads_compute(dom, x, a):
     return [np.repeat(t, int(a["heads"]) // t.shape[-3], axis=-3)]
 
 
+def _repeat_heads_lower(x, heads: int):
+    if x.shape[-3] == 1:   # one key/value head (multi-query attention): a broadcast, no copy
+        return x.expand(*x.shape[:-3], heads, *x.shape[-2:])
+    return torch.repeat_interleave(x, heads // x.shape[-3], dim=-3)
+
+
 repeat_heads = register(OpDef(
     name="repeat_heads", arity=1, algebraic=True,
     doc="Each key/value head repeated for the query heads that share it (grouped-query "
@@ -299,10 +308,43 @@ repeat_heads = register(OpDef(
     attrs={"heads": AttrSpec("dim")},
     infer=_repeat_heads_infer,
     compute=_repeat_heads_compute,
-    lower=lambda t, a: [torch.repeat_interleave(t[0], int(a["heads"]) // t[0].shape[-3], dim=-3)],
+    lower=lambda t, a: [_repeat_heads_lower(t[0], int(a["heads"]))],
     flops=lambda ins, outs, a: 0,
     fx=(FxForm(("method:reshape", "method:view", aten.reshape.default, aten.view.default,
                 aten._unsafe_view.default), sp.repeat_heads, priority=1),),
     onnx=(OnnxForm("Reshape", ox.repeat_heads, priority=1),),
     to_onnx=ox.emit_repeat_heads,
+))
+
+
+def _matmul_heads_infer(shapes, dtypes, attrs):
+    a, b = shapes
+    if len(a) < 3 or len(a) != len(b) or a[:-3] != b[:-3] or a[-1] != b[-2]:
+        raise ShapeError(f"matmul_heads: shapes do not fit: {a} @ {b}")
+    if (a[-3], b[-3]).count(Dim.of(1)) != 1:
+        raise ShapeError(f"matmul_heads: exactly one operand must have a single head, got {a[-3]} and {b[-3]}")
+    heads = b[-3] if a[-3] == 1 else a[-3]
+    return [(a[:-3] + (heads, a[-2], b[-1]), dtypes[0])]
+
+
+def _matmul_heads_expand(shapes, attrs):
+    a, b = shapes
+    heads = b[-3] if a[-3] == 1 else a[-3]
+    heads = heads.const if isinstance(heads, Dim) and heads.is_const else heads
+    if a[-3] == 1:
+        return [("repeat_heads", [0], {"heads": heads}), ("matmul", [("step", 0), 1], {})]
+    return [("repeat_heads", [1], {"heads": heads}), ("matmul", [0, ("step", 0)], {})]
+
+
+matmul_heads = register(OpDef(
+    name="matmul_heads", arity=2, algebraic=True,
+    doc="A matmul whose one operand has a single head that broadcasts over the other's heads "
+        "(multi-query attention: Falcon's q @ k^T and p @ v); expanded to repeat_heads + matmul, "
+        "which the grouped-query rules turn into SDPA's enable_gqa.",
+    infer=_matmul_heads_infer,
+    compute=lambda dom, x, a: [dom.mod(np.matmul(x[0], x[1]))],
+    lower=lambda t, a: [t[0] @ t[1]],
+    flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[0][-1]),
+    fx=(FxForm((torch.matmul, operator.matmul, "method:matmul", aten.matmul.default), sp.binary_tensors),),
+    expand=_matmul_heads_expand,
 ))

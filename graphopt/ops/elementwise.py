@@ -8,6 +8,7 @@ import operator
 import numpy as np
 import torch
 
+from ..dims import Dim
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
@@ -85,6 +86,29 @@ badd = register(OpDef(
     to_onnx=ox.node("Add"),
 ))
 
+def _bcast_infer(shapes, dtypes, attrs):
+    a, b = shapes
+    out = []
+    for k in range(max(len(a), len(b))):
+        da = a[len(a) - 1 - k] if k < len(a) else Dim.of(1)
+        db = b[len(b) - 1 - k] if k < len(b) else Dim.of(1)
+        if da != db and da != 1 and db != 1:
+            raise ShapeError(f"bcast_add: shapes {a} and {b} do not broadcast")
+        out.append(db if da == 1 else da)
+    return [(tuple(reversed(out)), dtypes[0])]
+
+
+bcast_add = register(OpDef(
+    name="bcast_add", arity=2, commutative=True, algebraic=True,
+    doc="The sum of two tensors that broadcast against each other (numpy's rule, both ways): "
+        "two attention masks (a per-head position bias and a per-query mask) made one.",
+    infer=_bcast_infer,
+    compute=lambda dom, x, a: [dom.mod(x[0] + x[1])],
+    lower=lambda t, a: [t[0] + t[1]],
+    flops=_elementwise_flops(1),
+    to_onnx=ox.node("Add"),
+))
+
 smul = register(OpDef(
     name="smul", arity=2, algebraic=True, scalar_operand=1,
     doc="Tensor times a scalar (a 0-d tensor).",
@@ -93,7 +117,8 @@ smul = register(OpDef(
     lower=lambda t, a: [t[0] * t[1]],
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
-    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor, aten.mul.Scalar), sp.tensor_by_scalar(True)),),
+    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor, aten.mul.Scalar), sp.tensor_by_scalar(True)),
+        FxForm((operator.imul, "method:mul_"), sp.in_place_by_scalar(False))),
     onnx=(OnnxForm("Mul", ox.by_scalar(True)),),
     to_onnx=ox.node("Mul"),
 ))
@@ -107,7 +132,8 @@ sdiv = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.truediv, torch.div, torch.true_divide, "method:div", "method:true_divide",
-                aten.div.Tensor), sp.tensor_by_scalar(False)),),
+                aten.div.Tensor), sp.tensor_by_scalar(False)),
+        FxForm((operator.itruediv, "method:div_"), sp.in_place_by_scalar(False))),
     onnx=(OnnxForm("Div", ox.by_scalar(False)),),
     to_onnx=ox.node("Div"),
 ))

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..dims import Dim
+from ..dims import Dim, same_size
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
@@ -150,7 +150,9 @@ def _reshape_infer(shapes, dtypes, attrs):
     if s == target:
         return [(target, dtypes[0])]
     if not all(d.is_const for d in s) or not all(d.is_const for d in target):
-        raise ShapeError("reshape: symbolic dimensions can only be reshaped to the same shape")
+        if same_size(s, target):   # (b*h, t, n) <-> (b, h, t, n): the same product for every size
+            return [(target, dtypes[0])]
+        raise ShapeError(f"reshape: {s} cannot be reshaped to {target} for every size")
     n_in = _product(d.const for d in s)
     n_out = _product(d.const for d in target)
     if n_in != n_out:

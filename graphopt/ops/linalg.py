@@ -41,3 +41,34 @@ matmul = register(OpDef(
     onnx=(OnnxForm("MatMul", ox.matmul),),
     to_onnx=ox.node("MatMul"),
 ))
+
+
+def _baddbmm_infer(shapes, dtypes, attrs):
+    m, x, y, s = shapes
+    if len(s) != 0:
+        raise ShapeError("baddbmm: alpha must be a scalar")
+    (out, dt), = _matmul_infer((x, y), dtypes[1:3], {})
+    if len(m) > len(out) or any(dm != do and not (dm.is_const and dm.const == 1)
+                                for dm, do in zip(reversed(m), reversed(out))):
+        raise ShapeError(f"baddbmm: the added tensor's shape {m} does not broadcast to {out}")
+    return [(out, dt)]
+
+
+def _baddbmm_lower(t, a):
+    m, x, y, s = t
+    alpha = float(s) if isinstance(s, (int, float)) else s.item()
+    return [torch.baddbmm(m, x, y, alpha=alpha)]
+
+
+baddbmm = register(OpDef(
+    name="baddbmm", arity=4, algebraic=True, scalar_operand=3,
+    doc="M + alpha * (X @ Y) (torch.baddbmm with beta=1: BLOOM adds its ALiBi bias to the scores "
+        "this way); expanded to matmul, smul and badd, so the attention rules see the scores.",
+    infer=_baddbmm_infer,
+    compute=lambda dom, x, a: [dom.mod(x[0] + dom.mod(dom.mod(np.matmul(x[1], x[2])) * x[3]))],
+    lower=_baddbmm_lower,
+    flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[1][-1]),
+    fx=(FxForm((torch.baddbmm, "method:baddbmm", aten.baddbmm.default), sp.baddbmm),),
+    expand=lambda shapes, attrs: [("matmul", [1, 2], {}), ("smul", [("step", 0), 3], {}),
+                                  ("badd", [("step", 1), 0], {})],
+))

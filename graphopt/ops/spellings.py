@@ -6,6 +6,7 @@ arguments; whether the result is valid is decided by the op's shape inference.
 from __future__ import annotations
 
 import numbers
+import operator
 
 import torch
 
@@ -48,6 +49,26 @@ def tensor_by_scalar(commutative: bool):
         if commutative and ctx.is_tensor(b) and ctx.rank(b) > 0 and _is_scalar(a, ctx):
             return [b, a], {}
         return None
+    return parse
+
+
+_FRESH_CALLS = {operator.matmul, torch.matmul, torch.bmm, operator.mul, operator.add, operator.truediv,
+                torch.baddbmm}
+_FRESH_METHODS = {"matmul", "bmm", "mul", "add", "div", "baddbmm"}
+
+
+def in_place_by_scalar(commutative: bool):
+    """``x /= 2.0`` (``operator.itruediv``), where x is a fresh result (a matmul's) that
+    nothing else reads: the same value as ``x / 2.0``."""
+    plain = tensor_by_scalar(commutative)
+
+    def parse(args, kwargs, ctx):
+        x = args[0] if args else None
+        if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
+            return None
+        fresh = (x.op == "call_function" and x.target in _FRESH_CALLS) or (
+            x.op == "call_method" and x.target in _FRESH_METHODS)
+        return plain(args, kwargs, ctx) if fresh else None
     return parse
 
 
@@ -269,6 +290,21 @@ def expand(args, kwargs, ctx):
     if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
         return None
     return [args[0]], {"shape": list(ctx.out_shapes[0])}
+
+
+def baddbmm(args, kwargs, ctx):
+    """``torch.baddbmm(m, x, y, beta=1, alpha=a)`` / ``m.baddbmm(batch1=x, batch2=y, ...)`` with
+    beta 1 and a number alpha: ``(m, x, y, alpha)``."""
+    names = ("input", "batch1", "batch2")
+    vals = [args[k] if k < len(args) else kwargs.get(n) for k, n in enumerate(names)]
+    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
+    if len(args) > 3 or set(kwargs) - {"input", "batch1", "batch2", "beta", "alpha"}:
+        return None
+    if not all(ctx.is_tensor(v) for v in vals) or beta != 1:
+        return None
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
+        return None
+    return [vals[0], vals[1], vals[2], float(alpha)], {}
 
 
 def softmax(args, kwargs, ctx):
