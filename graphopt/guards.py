@@ -27,12 +27,20 @@ def _causal_keep(t: int, n: int) -> np.ndarray:
     return np.tril(np.ones((t, n), dtype=bool))
 
 
+def masked_below(dtype) -> float:
+    """The largest additive mask entry that still excludes its key exactly in ``dtype``:
+    -1e9, or half the lowest float16 (a float16 model's masks hold -65504, and a score of
+    a real model is far below 32752 in size)."""
+    import torch
+    return max(MASKED, torch.finfo(dtype).min / 2)
+
+
 def _check_causal(value) -> bool:
     import torch
     if value.dim() < 2 or not value.dtype.is_floating_point:
         return False
     keep = torch.from_numpy(_causal_keep(value.shape[-2], value.shape[-1]))
-    return bool(torch.where(keep, value == 0, value <= MASKED).all())
+    return bool(torch.where(keep, value == 0, value <= masked_below(value.dtype)).all())
 
 
 def _sample_causal(shape, rng) -> np.ndarray:
@@ -62,11 +70,15 @@ GUARDS = {g.name: g for g in (
 
 
 def _equals(value: float) -> Guard:
-    """``eq:<number>``: a scalar constant equal to the number (to float32 rounding), e.g.
-    the 0.044715 of GELU's tanh approximation."""
+    """``eq:<number>``: a scalar constant equal to the number as the constant's own dtype
+    holds it (0.044715 is 0.044677734375 in bfloat16), e.g. the 0.044715 of GELU's tanh
+    approximation: the guard compares at the precision the model computes in."""
     def check(t) -> bool:
-        return bool(t.numel() == 1 and t.dtype.is_floating_point
-                    and abs(float(t.reshape(())) - value) <= 1e-6 * max(1.0, abs(value)))
+        import torch
+        if not (t.numel() == 1 and t.dtype.is_floating_point):
+            return False
+        rounded = float(torch.tensor(value, dtype=t.dtype))
+        return abs(float(t.reshape(())) - rounded) <= 1e-6 * max(1.0, abs(value))
     return Guard(f"eq:{value!r}", f"a scalar equal to {value!r}", check, lambda shape, rng: np.full(shape, value))
 
 
@@ -83,4 +95,4 @@ def get_guard(name: str) -> Guard:
         raise ShapeError(f"unknown guard {name!r} (known: {', '.join(sorted(GUARDS))}, eq:<number>)") from None
 
 
-__all__ = ["GUARDS", "Guard", "get_guard", "MASKED"]
+__all__ = ["GUARDS", "Guard", "get_guard", "MASKED", "masked_below"]

@@ -38,7 +38,7 @@ alias = register(OpDef(
     flops=lambda ins, outs, a: 0,
     fx=(FxForm((F.dropout, torch.dropout, aten.dropout.default), sp.dropout_at_inference),
         FxForm(("method:contiguous", "method:clone", "method:float", "method:type", "method:to", "method:type_as",
-                aten.clone.default, aten.alias.default, aten.contiguous.default, aten.to.dtype,
+                aten.clone.default, aten.alias.default, aten.contiguous.default, aten.to.dtype, aten.type_as.default,
                 aten.to.dtype_layout, aten._to_copy.default), sp.same_value)),
     onnx=(OnnxForm("Identity", ox.unary), OnnxForm("Dropout", ox.dropout_at_inference),
           OnnxForm("Cast", ox.unary_any_attrs)),

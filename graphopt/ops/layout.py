@@ -140,7 +140,7 @@ expand = register(OpDef(
     lower=lambda t, a: [t[0].expand(*[int(d) for d in a["shape"]])],
     flops=lambda ins, outs, a: 0,
     fx=(FxForm(("method:expand", "method:expand_as", torch.broadcast_to, "method:broadcast_to",
-                aten.expand.default), sp.expand),),
+                aten.expand.default, aten.expand_as.default), sp.expand),),
 ))
 
 
