@@ -1,7 +1,7 @@
 """GPT-2-small (12 layers, 768 wide, 12 heads; random weights, nothing downloaded) with
 HF eager attention: what fusing attention into SDPA buys, measured side by side.
 
-    python benchmarks/bench_gpt2_attention.py forward [--seq-len 512 1024] [--runs 5]
+    python benchmarks/bench_gpt2_attention.py forward [--seq-len 512 1024] [--runs 5] [--dtype bfloat16]
     python benchmarks/bench_gpt2_attention.py memory [--seq-len 2048]
     python benchmarks/bench_gpt2_attention.py generate [--prompt 128] [--new-tokens 60]
 
@@ -41,8 +41,9 @@ def build(attn="eager", n_layer=12, n_positions=1024):
 
 
 def forward(args):
-    eager = Logits(build("eager"))
-    sdpa = Logits(build("sdpa"))
+    dtype = getattr(torch, args.dtype)
+    eager = Logits(build("eager")).to(dtype)
+    sdpa = Logits(build("sdpa")).to(dtype)
     sdpa.load_state_dict(eager.state_dict())
     for T in args.seq_len:
         ids = torch.randint(0, 50257, (1, T))
@@ -67,8 +68,9 @@ def forward(args):
                     fn(ids)
                     times[k].append((time.perf_counter() - t) * 1e3)
         med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"\n== GPT-2-small, T={T}, batch 1, {torch.get_num_threads()} threads, median of {args.runs}")
-        print(f"graphopt: {fast.report.attention} (optimize took {opt_s:.1f} s)")
+        gelu = sum(n for k, n in fast.report.applied.items() if "gelu_tanh" in fast.report.rewrites.get(k, ""))
+        print(f"\n== GPT-2-small {args.dtype}, T={T}, batch 1, {torch.get_num_threads()} threads, median of {args.runs}")
+        print(f"graphopt: {fast.report.attention}, GELUs fused {gelu} of 12 (optimize took {opt_s:.1f} s)")
         for k in variants:
             print(f"  {k:18s} {med[k]:9.1f} ms   {med['eager'] / med[k]:5.2f}x vs eager   "
                   f"{med['inductor'] / med[k]:5.2f}x vs inductor   max |diff| {diffs[k]:.2g}")
@@ -185,6 +187,7 @@ def main():
     ap.add_argument("what", choices=["forward", "memory", "generate"])
     ap.add_argument("--seq-len", type=int, nargs="+")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="forward: the models' dtype")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=60)
     args = ap.parse_args()

@@ -33,7 +33,8 @@ SMALL = {       # config key -> small value, applied where the default config ha
     "num_experts": 4, "num_local_experts": 4, "n_routed_experts": 4, "num_experts_per_tok": 2,
     "vocab_size": VOCAB, "max_position_embeddings": 256, "n_positions": 256, "rotary_dim": 8,
     "first_k_dense_replace": 1, "q_lora_rank": 32, "kv_lora_rank": 16, "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8, "v_head_dim": 16, "attention_chunk_size": 256,
+    "qk_nope_head_dim": 8, "v_head_dim": 16, "attention_chunk_size": 256, "mamba_n_heads": 4,
+    "mamba_d_head": 32, "mamba_d_state": 16, "ssm_state_size": 16, "n_group": 1, "topk_group": 1,
 }
 TOKEN_IDS = ("pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id", "sep_token_id",
              "cls_token_id", "mask_token_id", "unk_token_id")
@@ -49,6 +50,10 @@ def _shrink(cfg) -> None:
         v = getattr(cfg, key, None)
         if isinstance(v, int) and v >= VOCAB:
             setattr(cfg, key, 0)
+    if "qk_rope_head_dim" in d:     # multi-head latent attention: head sizes that add up
+        cfg.qk_head_dim = SMALL["qk_nope_head_dim"] + SMALL["qk_rope_head_dim"]
+        cfg.head_dim = SMALL["qk_rope_head_dim"]
+        cfg.num_key_value_heads = SMALL["num_attention_heads"]   # keys come per head from the latent
     layers = getattr(cfg, "num_hidden_layers", None)
     for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
         v = getattr(cfg, key, None)

@@ -26,6 +26,8 @@ LOWER_CAST = "the weights are cast to a lower precision between the matmuls, whi
 NO_V = "the softmax's output does not feed a matmul with V (not an attention form)"
 TENSOR_SCALE = "the scale is a tensor (per head or per query), and SDPA takes one number"
 OTHER_AXIS = "the softmax is not over the keys (the last axis)"
+SHARED = ("Q K^T is shared with another block (differential attention), so no rule can rewrite one "
+          "block alone")
 RETURNED = ("the attention weights are an output of the captured graph (returned at a graph break, "
             "or asked for), so they must be computed anyway")
 
@@ -40,22 +42,19 @@ def _opaque_name(node) -> str:
     return f".{target}()" if fx_node.op == "call_method" else getattr(target, "__name__", str(target))
 
 
-def _producer(mg, value):
-    return mg.nodes[value[0]]
-
-
 def _consumers(mg, nid) -> list:
     node = mg.nodes[nid]
     return [mg.nodes[c] for j in range(len(node.outs)) for c, _ in mg.consumers.get((nid, j), ())]
 
 
 def _scores_path(mg, value, limit: int = 12) -> list:
-    """The nodes from the softmax's input back to the matmul that made the scores (or as far
-    as the ops on the way are ones a score passes through)."""
+    """The node ids from the softmax's input back to the matmul that made the scores (or as
+    far as the ops on the way are ones a score passes through)."""
     path = []
     for _ in range(limit):
-        node = _producer(mg, value)
-        path.append(node)
+        nid = value[0]
+        node = mg.nodes[nid]
+        path.append(nid)
         if node.op in ("matmul", "input") or node.op == OPAQUE or node.op not in _ON_SCORES:
             break
         # follow the operand that carries the scores (the full-size one)
@@ -73,7 +72,8 @@ def why_not_fused(mg, nid) -> str:
         return OTHER_AXIS
     if any((nid, j) in mg.outputs for j in range(len(sm.outs))):
         return RETURNED
-    path = _scores_path(mg, sm.inputs[0])
+    ids = _scores_path(mg, sm.inputs[0])
+    path = [mg.nodes[k] for k in ids]
     if any(n.op == "tanh" for n in path):
         return SOFT_CAP
     if any(n.op == "concat" for n in path[:1]):
@@ -97,6 +97,9 @@ def why_not_fused(mg, nid) -> str:
     for n in path:
         if n.op == "mul":
             return TENSOR_SCALE
+    qk = [k for k in ids if mg.nodes[k].op == "matmul"]
+    if qk and len(mg.consumers.get((qk[-1], 0), ())) > 1:
+        return SHARED
         if n.op == OPAQUE:
             return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
     if any(n.op == "reshape" for n in path):

@@ -149,7 +149,7 @@ fill_masked = register(OpDef(
     lower=_fill_masked_lower,
     flops=lambda ins, outs, a: numel_int(outs[0]),
     fx=(FxForm((torch.where, "method:where", aten.where.self, aten.where.ScalarOther), sp.where_runtime_mask),
-        FxForm(("method:masked_fill", "method:masked_fill_", torch.masked_fill, aten.masked_fill.Scalar,
+        FxForm(("method:masked_fill", torch.masked_fill, aten.masked_fill.Scalar,
                 aten.masked_fill.Tensor), sp.masked_fill_runtime_mask)),
     expand=lambda shapes, attrs: [("mask_bias", [1], dict(attrs)), ("badd", [0, ("step", 0)], {})],
 ))
