@@ -55,6 +55,13 @@ def _shrink(cfg) -> None:
         cfg.head_dim = SMALL["qk_rope_head_dim"]
         cfg.num_key_value_heads = SMALL["num_attention_heads"]   # keys come per head from the latent
     layers = getattr(cfg, "num_hidden_layers", None)
+    types = getattr(cfg, "layer_types", None)
+    if isinstance(types, list) and isinstance(layers, int) and any("attention" in str(t) for t in types):
+        # a hybrid (linear attention or state-space layers with full attention every few):
+        # enough layers to hold the first full-attention one, at most 8
+        full = [k for k, t in enumerate(types) if "full" in str(t) or t == "attention"]
+        layers = min(max(2, full[0] + 1 if full else 2), 8)
+        cfg.num_hidden_layers = layers
     for key in ("layer_types", "mlp_layer_types", "layers_block_type"):
         v = getattr(cfg, key, None)
         if isinstance(v, list) and isinstance(layers, int) and len(v) > layers:

@@ -94,12 +94,29 @@ def why_not_fused(mg, nid) -> str:
             return ("the weights are reshaped between the softmax and @ V (a (batch*heads) view), which "
                     "no rule covers: SDPA could compute it")
         return NO_V
+    for k in ids:
+        for c, _ in mg.consumers.get((k, 0), ()):
+            name = _opaque_name(mg.nodes[c]) if mg.nodes[c].op == OPAQUE else ""
+            if name.endswith("_()") or name.startswith("i"):
+                return f"the scores are written in place ({name.strip('.()')}), which graphopt keeps as it is"
     for n in path:
         if n.op == "mul":
             return TENSOR_SCALE
     qk = [k for k in ids if mg.nodes[k].op == "matmul"]
-    if qk and len(mg.consumers.get((qk[-1], 0), ())) > 1:
+    if qk and len(mg.consumers.get((qk[-1], 0), ())) > 1 and all(
+            mg.nodes[c].op in _ON_SCORES or mg.nodes[c].op == "softmax" for c, _ in mg.consumers[(qk[-1], 0)]):
         return SHARED
+    inside = set(ids) | {nid}
+    for k in ids:
+        if mg.nodes[k].op in ("input", OPAQUE):
+            continue
+        for c, _ in mg.consumers.get((k, 0), ()):
+            if c not in inside:
+                other = mg.nodes[c]
+                name = _opaque_name(other) if other.op == OPAQUE else other.op
+                why = " (attention sinks from the log-sum-exp)" if "logsumexp" in name else ""
+                return (f"the scores are also read outside the attention, by {name}{why}, so the "
+                        f"softmax cannot be fused away")
         if n.op == OPAQUE:
             return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
     if any(n.op == "reshape" for n in path):

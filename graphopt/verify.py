@@ -294,6 +294,14 @@ def _z3_at(src: Graph, dst: Graph, binding: dict, timeout_ms: int) -> str:
         shape = evaluate_shape(inp.shape, binding)
         n = int(np.prod(shape, dtype=np.int64))
         arr = np.empty(n, dtype=object)
+        if inp.guard:   # a guarded input is the guard's value (zeros, eq:<number>), not any real
+            fixed = np.asarray(get_guard(inp.guard).sample(shape, np.random.default_rng(0)), dtype=np.float64)
+            if not np.all(np.isfinite(fixed)):
+                return "not-algebraic", None
+            for k, x in enumerate(fixed.reshape(-1)):
+                arr[k] = z3.RealVal(repr(float(x)))
+            env[inp.name] = arr.reshape(shape)
+            continue
         for k in range(n):
             arr[k] = z3.Real(f"{inp.name}_{k}")
         env[inp.name] = arr.reshape(shape)

@@ -376,6 +376,8 @@ def where_as_mask(args, kwargs, ctx):
         return None
     keep = ctx.const_value(args[0]) if isinstance(args[0], torch.fx.Node) else None
     x = args[1]
+    if ctx.dtype(x) not in _FLOATS:
+        return None
     dtype = getattr(torch, ctx.dtype(x))
     fill = _masking_fill(args[2], ctx, dtype)
     if keep is None or keep.dtype != torch.bool or fill is None:
@@ -389,11 +391,16 @@ def masked_fill_as_mask(args, kwargs, ctx):
         return None
     x = args[0]
     drop = ctx.const_value(args[1]) if isinstance(args[1], torch.fx.Node) else None
+    if ctx.dtype(x) not in _FLOATS:
+        return None
     dtype = getattr(torch, ctx.dtype(x))
     fill = _masking_fill(args[2], ctx, dtype)
     if drop is None or drop.dtype != torch.bool or fill is None:
         return None
     return [x, torch.where(drop, torch.full((), fill, dtype=dtype), torch.zeros((), dtype=dtype))], {}
+
+
+_FLOATS = ("float16", "bfloat16", "float32", "float64")
 
 
 def _runtime_mask(mask, x, fill_arg, ctx):
@@ -404,7 +411,7 @@ def _runtime_mask(mask, x, fill_arg, ctx):
     if not (ctx.is_tensor(mask) and ctx.is_tensor(x)) or ctx.dtype(mask) != "bool":
         return None
     dtype = ctx.dtype(x)
-    if dtype not in ("float16", "bfloat16", "float32", "float64") or len(ctx.out_shapes) != 1 \
+    if dtype not in _FLOATS or len(ctx.out_shapes) != 1 \
             or tuple(ctx.out_shapes[0]) != tuple(ctx.shape(x)):
         return None
     fill = _masking_fill(fill_arg, ctx, getattr(torch, dtype))
