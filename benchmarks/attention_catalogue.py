@@ -179,25 +179,31 @@ def f20(q, k, v, mask):
     return F.dropout(_padding_fill(q, k, v, mask, True), 0.0) @ _bhtd(v)
 
 
-def _t5(q, k, v, mask, upcast_twice):
+def _t5(q, k, v, mask, cast):
+    """T5's attention: no scale, ``.float().softmax(-1).type_as(q)``.  ``cast``: what happens
+    to the scores first: "back" (``type_as(q)``: patterns 21/22), "twice" (``float()`` then
+    ``type_as(q)``: 23), None (nothing: 25-27)."""
     q, k, v = _bhtd(q), _bhtd(k), _bhtd(v)
     s = torch.matmul(q, k.permute(0, 1, 3, 2))
     if mask is not None:
         s = s + mask
-    s = s.float().type_as(q) if upcast_twice or mask is None else s.type_as(q)
+    if cast == "back":
+        s = s.type_as(q)
+    elif cast == "twice":
+        s = s.float().type_as(q)
     return F.dropout(s.float().softmax(dim=-1).type_as(q), 0.0).matmul(v), k, v
 
 
 def f21(q, k, v, mask):
-    return _t5(q, k, v, mask, False)[0]
+    return _t5(q, k, v, mask, "back")[0]
 
 
 def f22(q, k, v, mask):
-    return _t5(q, k, v, mask, False)
+    return _t5(q, k, v, mask, "back")
 
 
 def f23(q, k, v):
-    return _t5(q, k, v, None, True)
+    return _t5(q, k, v, None, "twice")
 
 
 def f24(q, k, v, mask):     # MBart: 3-D bmm on (batch*heads) views, no scale
@@ -209,15 +215,15 @@ def f24(q, k, v, mask):     # MBart: 3-D bmm on (batch*heads) views, no scale
 
 
 def f25(q, k, v, mask):
-    return _t5(q, k, v, mask, False)[0]
+    return _t5(q, k, v, mask, None)[0]
 
 
 def f26(q, k, v, mask):
-    return _t5(q, k, v, mask, False)
+    return _t5(q, k, v, mask, None)
 
 
 def f27(q, k, v):
-    return _t5(q, k, v, None, False)
+    return _t5(q, k, v, None, None)
 
 
 def f28(q, k, v):           # pattern 4 on non-contiguous q/k/v
