@@ -118,7 +118,7 @@ smul = register(OpDef(
     flops=_elementwise_flops(1),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor, aten.mul.Scalar), sp.tensor_by_scalar(True)),
-        FxForm((operator.imul, "method:mul_"), sp.in_place_by_scalar(False))),
+        FxForm((operator.imul, "method:mul_", aten.mul_.Tensor, aten.mul_.Scalar), sp.in_place_by_scalar(False))),
     onnx=(OnnxForm("Mul", ox.by_scalar(True)),),
     to_onnx=ox.node("Mul"),
 ))
@@ -133,7 +133,7 @@ sdiv = register(OpDef(
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((operator.truediv, torch.div, torch.true_divide, "method:div", "method:true_divide",
                 aten.div.Tensor), sp.tensor_by_scalar(False)),
-        FxForm((operator.itruediv, "method:div_"), sp.in_place_by_scalar(False))),
+        FxForm((operator.itruediv, "method:div_", aten.div_.Tensor, aten.div_.Scalar), sp.in_place_by_scalar(False))),
     onnx=(OnnxForm("Div", ox.by_scalar(False)),),
     to_onnx=ox.node("Div"),
 ))

@@ -53,7 +53,8 @@ def tensor_by_scalar(commutative: bool):
 
 
 _FRESH_CALLS = {operator.matmul, torch.matmul, torch.bmm, operator.mul, operator.add, operator.truediv,
-                torch.baddbmm}
+                torch.baddbmm, aten.matmul.default, aten.bmm.default, aten.mul.Tensor, aten.add.Tensor,
+                aten.div.Tensor, aten.baddbmm.default}
 _FRESH_METHODS = {"matmul", "bmm", "mul", "add", "div", "baddbmm"}
 
 
