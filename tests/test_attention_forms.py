@@ -187,12 +187,13 @@ ZOO = {
 }
 
 
+@pytest.mark.parametrize("capture", ["dynamo", "export"])
 @pytest.mark.parametrize("arch", sorted(ZOO))
-def test_zoo_architecture_is_fused(arch):
+def test_zoo_architecture_is_fused(arch, capture):
     kw, (causal, masked, gqa) = ZOO[arch]
     model = _causal_lm(arch, **kw)
     ids = torch.randint(1, 128, (2, 19))
-    fast = graphopt.optimize(model, (ids,))
+    fast = graphopt.optimize(model, (ids,), capture=capture)
     att = fast.report.attention
     assert not fast.report.fallbacks, fast.report
     assert att["blocks"] == att["fused"] == 2, fast.report

@@ -359,8 +359,16 @@ def _masking_fill(fill, ctx, dtype):
     """The fill value when it masks entries out of a softmax: -inf, or at most half the
     dtype's lowest value, so that ``x + fill`` rounds to ``fill`` (or below) for any
     attention score and the entry's weight is exactly 0 either way."""
+    while isinstance(fill, torch.fx.Node) and ctx.const_value(fill) is None and _is_call(
+            fill, ("detach", "clone", "contiguous"), (torch.detach, aten.detach.default, aten.detach_.default,
+                                                       aten.clone.default, aten.alias.default,
+                                                       aten.lift_fresh_copy.default)):
+        fill = fill.args[0]      # a copy of a constant fill (export's lifted `torch.tensor(min)`)
     if isinstance(fill, torch.fx.Node):
         value = ctx.const_value(fill)
+        if value is None and fill.op == "get_attr" and "lifted_tensor" in str(fill.target):
+            from ..frontends.fx import fetch_attr   # a literal torch.export lifted out of forward
+            value = fetch_attr(ctx.imp.gm, fill.target)
         if value is None or value.dim() != 0:
             return None
         fill = value.item()
