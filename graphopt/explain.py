@@ -42,6 +42,12 @@ def _opaque_name(node) -> str:
     return f".{target}()" if fx_node.op == "call_method" else getattr(target, "__name__", str(target))
 
 
+def _writes_in_place(name: str) -> bool:
+    """An opaque call that writes its first operand: ``x.masked_fill_()``, ``aten.div_``, ``x /= s``."""
+    base = name.strip(".()").split(".")[0]          # "masked_fill_", "div_" of aten.div_.Tensor
+    return (base.endswith("_") and not base.startswith("__")) or base in ("iadd", "isub", "imul", "itruediv")
+
+
 def _consumers(mg, nid) -> list:
     node = mg.nodes[nid]
     return [mg.nodes[c] for j in range(len(node.outs)) for c, _ in mg.consumers.get((nid, j), ())]
@@ -94,14 +100,16 @@ def why_not_fused(mg, nid) -> str:
             return ("the weights are reshaped between the softmax and @ V (a (batch*heads) view), which "
                     "no rule covers: SDPA could compute it")
         return NO_V
-    for k in ids:
+    for k in ids + [v[0] for v in mg.nodes[ids[-1]].inputs]:   # (and what the path stopped at)
         for c, _ in mg.consumers.get((k, 0), ()):
             name = _opaque_name(mg.nodes[c]) if mg.nodes[c].op == OPAQUE else ""
-            if name.endswith("_()") or name.startswith("i"):
+            if _writes_in_place(name):
                 return f"the scores are written in place ({name.strip('.()')}), which graphopt keeps as it is"
     for n in path:
         if n.op == "mul":
             return TENSOR_SCALE
+        if n.op == OPAQUE:
+            return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
     qk = [k for k in ids if mg.nodes[k].op == "matmul"]
     if qk and len(mg.consumers.get((qk[-1], 0), ())) > 1 and all(
             mg.nodes[c].op in _ON_SCORES or mg.nodes[c].op == "softmax" for c, _ in mg.consumers[(qk[-1], 0)]):
@@ -117,8 +125,6 @@ def why_not_fused(mg, nid) -> str:
                 why = " (attention sinks from the log-sum-exp)" if "logsumexp" in name else ""
                 return (f"the scores are also read outside the attention, by {name}{why}, so the "
                         f"softmax cannot be fused away")
-        if n.op == OPAQUE:
-            return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
     if any(n.op == "reshape" for n in path):
         return ("the scores are reshaped between Q K^T and the softmax (a (batch*heads) view), which "
                 "no rule covers: SDPA could compute it")

@@ -140,7 +140,7 @@ expand = register(OpDef(
     lower=lambda t, a: [t[0].expand(*[int(d) for d in a["shape"]])],
     flops=lambda ins, outs, a: 0,
     fx=(FxForm(("method:expand", "method:expand_as", torch.broadcast_to, "method:broadcast_to",
-                aten.expand.default, aten.expand_as.default), sp.expand),),
+                aten.expand.default, aten.expand_as.default), sp.to_own_shape),),
 ))
 
 
@@ -177,7 +177,7 @@ reshape = register(OpDef(
     flops=lambda ins, outs, a: 0,
     enum_attrs=None,  # shape-changing reshapes need concrete sizes; not enumerated
     fx=(FxForm((torch.reshape, "method:reshape", "method:view", aten.view.default, aten.reshape.default,
-                aten._unsafe_view.default), sp.reshape),),
+                aten._unsafe_view.default), sp.to_own_shape),),
     onnx=(OnnxForm("Reshape", ox.reshape),),
     to_onnx=ox.emit_reshape,
 ))

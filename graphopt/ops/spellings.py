@@ -278,16 +278,9 @@ def reduce_sum(args, kwargs, ctx):
     return [args[0]], {"axis": _neg(dim, ctx.rank(args[0])), "keepdim": keepdim}
 
 
-def reshape(args, kwargs, ctx):
-    """``view``/``reshape`` to the node's own (concrete) output shape, -1 resolved."""
-    if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
-        return None
-    return [args[0]], {"shape": list(ctx.out_shapes[0])}
-
-
-def expand(args, kwargs, ctx):
-    """``x.expand(*sizes)`` / ``x.expand_as(y)`` / ``broadcast_to(x, shape)``: only x is an
-    operand (``y`` gives a shape, not a value), the node's own output shape is the target."""
+def to_own_shape(args, kwargs, ctx):
+    """``view``/``reshape``/``expand``/``expand_as`` to the node's own (concrete) output shape,
+    -1 resolved; only x is an operand (``expand_as(y)``'s y gives a shape, not a value)."""
     if not args or not ctx.is_tensor(args[0]) or kwargs or len(ctx.out_shapes) != 1:
         return None
     return [args[0]], {"shape": list(ctx.out_shapes[0])}
