@@ -21,7 +21,8 @@ from .ops.base import ITEMSIZE
 _ON_SCORES = {"smul", "sdiv", "sadd", "badd", "add", "mul", "alias", "neg", "tanh", "reshape", "transpose",
               "fill_masked"}
 SOFT_CAP = "soft-capping (tanh) on the scores is not expressible in SDPA"
-SINKS = "attention sinks (an extra logit per head, dropped after the softmax) are not expressible in SDPA"
+SINKS = ("attention sinks (an extra logit per query row, dropped after the softmax) in a form no sink rule "
+         "covers (sdpa_sink could compute it: a rule to add)")
 LOWER_CAST = "the weights are cast to a lower precision between the matmuls, which SDPA does not do"
 NO_V = "the softmax's output does not feed a matmul with V (not an attention form)"
 TENSOR_SCALE = "the scale is a tensor (per head or per query), and SDPA takes one number"

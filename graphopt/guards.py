@@ -53,6 +53,11 @@ def _check_zeros(value) -> bool:
     return bool(value.dtype.is_floating_point and (value == 0).all())
 
 
+def _check_masking(value) -> bool:
+    return bool(value.numel() == 1 and value.dtype.is_floating_point
+                and float(value.reshape(())) <= masked_below(value.dtype))
+
+
 @dataclass(frozen=True)
 class Guard:
     name: str
@@ -66,6 +71,9 @@ GUARDS = {g.name: g for g in (
           _check_causal, _sample_causal),
     Guard("zeros", "an additive mask that is 0 everywhere (nothing masked)",
           _check_zeros, lambda shape, rng: np.zeros(shape)),
+    Guard("masking", "a scalar that masks a score out of a softmax: at most -1e9 (or half the "
+          "dtype's lowest), such as the dtype's lowest value a model clamps the scores at",
+          _check_masking, lambda shape, rng: np.full(shape, float(np.finfo(np.float32).min))),
 )}
 
 

@@ -27,16 +27,22 @@ class GraphReport:
     runtime: object = field(default=None, repr=False, compare=False)  # what runs (graphopt.runtime), with .stats
 
 
+# the registry's fused attention ops
+FUSED_ATTENTION = ("sdpa", "sdpa_masked", "sdpa_sink", "sdpa_sink_masked")
+
+
 def fused_attention(mg) -> Counter:
-    """Fused attention calls in a rewritten graph: how many, causal, masked, grouped-query."""
+    """Fused attention calls in a rewritten graph: how many, causal, masked, grouped-query,
+    with a sink."""
     out = Counter()
     for n in mg.nodes.values():
-        if n.op in ("sdpa", "sdpa_masked"):
+        if n.op in FUSED_ATTENTION:
             attrs = dict(n.attrs)
             out["fused"] += 1
             out["causal"] += bool(attrs.get("is_causal"))
-            out["masked"] += n.op == "sdpa_masked"
+            out["masked"] += n.op.endswith("_masked")
             out["gqa"] += bool(attrs.get("enable_gqa"))
+            out["sink"] += n.op.startswith("sdpa_sink")
     return out
 
 
@@ -106,7 +112,7 @@ class Report:
             total["blocks"] += g.attention["blocks"]
             if not g.fallback:
                 total.update({k: v for k, v in g.attention.items() if k != "blocks"})
-        return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa")}
+        return {k: total[k] for k in ("blocks", "fused", "causal", "masked", "gqa", "sink")}
 
     @property
     def attention_reasons(self) -> dict:
@@ -166,7 +172,8 @@ def format_report(j: dict, title: str | None = None) -> str:
     a = j["attention"]
     if a["blocks"] or a["fused"]:
         lines.append(f"  attention      {a['fused']} of {a['blocks']} blocks fused into SDPA "
-                     f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query)")
+                     f"({a['causal']} is_causal, {a['masked']} with an explicit mask, {a['gqa']} grouped-query"
+                     + (f", {a['sink']} with a sink" if a.get("sink") else "") + ")")
         for why, n in (j.get("attention_not_fused") or {}).items():
             lines.append(f"  not fused      {n} block(s): {why}")
     lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")

@@ -362,7 +362,7 @@ def test_llama_exported_with_dynamo_has_attention_fused_and_projections_merged(t
     result = graphopt.optimize_onnx(original, time_limit=20)
     report = graphopt.onnx_report(result)
     assert not report["fallbacks"], report
-    assert report["attention"] == {"blocks": 2, "fused": 2, "causal": 2, "masked": 0, "gqa": 2}, report
+    assert report["attention"] == {"blocks": 2, "fused": 2, "causal": 2, "masked": 0, "gqa": 2, "sink": 0}, report
     merged = [k for k, v in report["rewrites"].items() if "concat" in v]
     assert sum(report["rules_applied"][k] for k in merged) >= 6, report  # q/k/v and gate/up, 2 layers
     assert _ops(result).count("Attention") == 2 and "Expand" not in _ops(result)

@@ -67,6 +67,19 @@ HAND_INSTANCES = {
         ([(4, "a", "b"), (2, "c", "b"), (2, "c", "d"), ("a", "c"), ()], {"enable_gqa": True}),
     ],
     "sadd": [([("a", "b"), ()], {})],
+    "amax": [([("a", "b")], {"axis": -1}), ([(2, "a", "b")], {"axis": -2, "keepdim": False})],
+    "bsub": [([("a", "b"), ("a", 1)], {}), ([(2, "a", "b"), ("b",)], {})],
+    "bmul": [([("a", "b"), ("a", 1)], {}), ([(2, "a", "b"), (2, "a", 1)], {})],
+    "smax": [([("a", "b"), ()], {})],
+    "sigmoid": [([("a", "b")], {})],
+    "logsumexp": [([("a", "b")], {"axis": -1}), ([(2, "a", "b")], {"axis": -1, "keepdim": True})],
+    "sdpa_sink": [
+        ([(2, "a", "b"), (2, "c", "b"), (2, "c", "d"), (2, "a", 1), ()], {}),
+        ([(2, "a", "b"), (2, "a", "b"), (2, "a", "d"), (2, 1, 1), ()], {"is_causal": True}),
+    ],
+    "sdpa_sink_masked": [
+        ([(2, "a", "b"), (2, "c", "b"), (2, "c", "d"), ("a", "c"), (2, "a", 1), ()], {}),
+    ],
     "spow": [([("a", "b")], {"exponent": 2}), ([("a", "b")], {"exponent": 3})],
     "tanh": [([("a", "b")], {})],
     "gelu_tanh": [([("a", "b")], {}), ([(2, "a", "b")], {})],
@@ -561,7 +574,7 @@ def test_surrogate_non_degenerate(name):
     shapes, full, _ = instances(name)[0]
     if op.bool_operands or op.type_only:   # a mask made additive (two values by design, in no
         return                              # rule); a constant of a dtype (unit_scale)
-    if op.arity > 1:  # e.g. sdpa: random residues of the instance's shapes
+    if op.arity > 1 or "keepdim" in op.attrs:  # sdpa, a reduction: random residues of the instance's shapes
         rng = np.random.default_rng(7)
         arrays = [rng.integers(1, PRIME, size=evaluate_shape(s, BINDING), dtype=np.int64) for s in shapes]
         (out,) = op.fingerprint(arrays, concrete(full))

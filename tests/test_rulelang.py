@@ -34,6 +34,24 @@ PINNED = {
         ("attention-keymasked-q-scale-div", "refa394653f"),
         ("attention-keymasked-k-scale-mul", "rd2c0b37e6a"),
         ("attention-keymasked-k-scale-div", "r951daa0a9f"),
+        ("attention-sink-scale-mul", "r4e3a0fe80b"),
+        ("attention-sink-scale-div", "r2a1b4dd2fd"),
+        ("attention-sink-q-scale-mul", "r70c90fffe7"),
+        ("attention-sink-q-scale-div", "r0b277f18c7"),
+        ("attention-sink-k-scale-mul", "ra57d6a3a14"),
+        ("attention-sink-k-scale-div", "r847d3acf24"),
+        ("attention-sink-masked-scale-mul", "r137820ceba"),
+        ("attention-sink-masked-scale-div", "r0e7f477408"),
+        ("attention-sink-masked-q-scale-mul", "r86d8722c03"),
+        ("attention-sink-masked-q-scale-div", "rc481e84fa7"),
+        ("attention-sink-masked-k-scale-mul", "r65e3cc3f7a"),
+        ("attention-sink-masked-k-scale-div", "rf538a80df5"),
+        ("attention-sink-lse-masked-scale-mul", "r1b764965f9"),
+        ("attention-sink-lse-masked-scale-div", "r4ec67d0112"),
+        ("attention-sink-lse-masked-q-scale-mul", "r48073f3549"),
+        ("attention-sink-lse-masked-q-scale-div", "r22944000d4"),
+        ("attention-sink-lse-masked-k-scale-mul", "ra5a796e98a"),
+        ("attention-sink-lse-masked-k-scale-div", "r279d09139c"),
         ("attention-safe-scale-mul", "rc04ca2e54d"),
         ("attention-safe-scale-div", "rf2ac60fc9b"),
         ("attention-safe-q-scale-mul", "rfff7d4e4ef"),
@@ -64,15 +82,15 @@ PINNED = {
         ("attention-masked-unscaled", "reaac4ba714"),
         ("attention-keymasked-unscaled", "rd199d9ccf4"),
         ("causal-mask", "r85998cf7bb"),
+        ("sink-causal-mask", "r5c626702a6"),
+        ("sink-per-head-causal-mask", "r5ad826f51f"),
+        ("clamp-after-causal-mask", "rbc34a1b1a9"),
         ("zero-mask", "r7634fc81d9"),
         ("causal-mask-gqa", "rd3d2435b2b"),
         ("zero-mask-gqa", "re26eddfabb"),
         ("gqa", "r4104ba5768"),
         ("gqa-causal", "r21e068f9ac"),
         ("gqa-masked", "rab5b64e82b"),
-    ],
-    "fusion": [
-        ("gelu-tanh", "ra8b33fe68b"),
     ],
     "canonical": [
         ("alias-is-its-input", "r2e3aa604fc"),
@@ -84,10 +102,13 @@ PINNED = {
         ("add-as-badd-before-softmax", "rabc80ab560"),
         ("mask-sum-badd", "r257320ae6f"),
         ("mask-sum-add", "r33c5733fe4"),
+        ("mask-sum-sink-badd", "raad00855a1"),
+        ("mask-sum-sink-add", "r8dcbd5d3aa"),
         ("mask-sum-row", "r65f179e432"),
         ("mask-sum-then-row-badd", "rc6969e04aa"),
         ("mask-sum-then-row-add", "r9baa3d8a83"),
         ("mask-sum-rows", "r081da527c5"),
+        ("softmax-shift", "r12d408ff2b"),
         ("repeat-heads-of-transpose", "rf428a30a97"),
         ("lift-scores-matmul", "r73f36f637d"),
         ("lift-scores-scale", "r319264f0aa"),
@@ -97,6 +118,9 @@ PINNED = {
         ("unmerge-merge", "r3aa8982622"),
         ("merge-unmerge", "r7b7aed4fca"),
         ("add-zeros", "r3204c07980"),
+    ],
+    "fusion": [
+        ("gelu-tanh", "ra8b33fe68b"),
     ],
 }
 
@@ -121,7 +145,7 @@ def shipped():
 def test_shipped_files_pin_every_rule(shipped):
     for stem in FILES:
         assert [(r.name, r.id) for r in shipped[stem]] == PINNED[stem], stem
-    assert sum(len(v) for v in PINNED.values()) == 77
+    assert sum(len(v) for v in PINNED.values()) == 101
 
 
 def test_shipped_rules_pass_the_verifier(shipped):

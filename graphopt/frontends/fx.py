@@ -24,6 +24,7 @@ import torch.fx as fx
 from ..errors import GraphoptError
 from ..ir import Graph
 from ..ops import REGISTRY, get_op
+from ..ops import spellings as sp
 
 _DTYPE_NAMES = {getattr(torch, n): n for n in (
     "float16", "bfloat16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
@@ -54,6 +55,7 @@ class FxImport:
     output: FxPayload | None = None
     counts: dict = field(default_factory=dict)  # "ops" / "opaque" node counts
     written: set = field(default_factory=set)   # fx nodes written in place (through views too)
+    renamed: dict = field(default_factory=dict)  # in-place calls read as functional ones -> target
 
 
 def _meta_value(node: fx.Node):
@@ -95,7 +97,8 @@ class _Ctx:
         """Whether ``a`` or the call's result is written in place by a later call."""
         users = (*(self.node.users if self.node is not None else ()), *(a.users if isinstance(a, fx.Node) else ()))
         written = getattr(self.imp, "written", set())  # written in place, through views too
-        return any(_mutates(u) for u in users) or a in written or self.node in written
+        renamed = getattr(self.imp, "renamed", {})   # read as functional calls
+        return any(_mutates(u) and u not in renamed for u in users) or a in written or self.node in written
 
     def is_tensor(self, a) -> bool:
         return isinstance(a, fx.Node) and a in self.imp.ref_of
@@ -140,7 +143,8 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     g = Graph()
     imp = FxImport(g, gm, [], counts={"ops": 0, "opaque": 0, "folded": 0})
     names = set()
-    written = _written(gm)  # found once: folding, constants, aliases and ordering all need it
+    renamed = imp.renamed = _functional_in_place(gm)
+    written = _written(gm, skip=renamed)  # found once: folding, constants, aliases and ordering need it
     imp.written = written
     mutated = _roots(written)
     folded = fold_literals(gm, {n: v for n, v in (constant_inputs or {}).items() if n not in mutated}, written)
@@ -176,6 +180,13 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
             g.outputs = [imp.ref_of[a] for a in args]
         elif node.op == "call_function" and node.target is operator.getitem and _getitem(imp, node):
             pass
+        elif node in renamed:   # x.masked_fill_(m, v) as a statement: x = x.masked_fill(m, v)
+            if _registry_op(imp, node, spell, names, target=renamed[node]):
+                imp.counts["ops"] += 1
+            else:
+                _opaque(imp, node)   # the call itself, run on x: later reads see its result too
+            if node in imp.ref_of:
+                imp.ref_of[node.args[0]] = imp.ref_of[node]
         elif node.op in ("call_function", "call_method") and _registry_op(imp, node, spell, names):
             imp.counts["ops"] += 1
         else:
@@ -325,11 +336,54 @@ def _roots(written: set) -> set:
     return {n for n in written if n.op in ("placeholder", "get_attr")}
 
 
-def _written(gm: fx.GraphModule) -> set:
-    """Every node whose value an in-place call changes: the operand and what it views."""
+def _functional_in_place(gm: fx.GraphModule) -> dict:
+    """In-place calls that can be read as their functional form, the later reads of the operand
+    then reading the result (``scores.masked_fill_(mask, min)`` as a statement, XLM): the
+    operand is a fresh result (a matmul's, no view), this call is the first to use it and no
+    other call writes it.  Returns node -> the functional call's target."""
+    order = {n: k for k, n in enumerate(gm.graph.nodes)}
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_method" and isinstance(node.target, str):
+            name = node.target
+            functional = f"method:{name[:-1]}"
+        elif node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+            name = node.target.__name__.split(".")[0]
+            packet = getattr(torch.ops.aten, name[:-1], None)
+            functional = getattr(packet, node.target._overloadname, None) if packet is not None else None
+        else:
+            continue
+        if not name.endswith("_") or name.endswith("__") or functional is None or "out" in node.kwargs:
+            continue
+        x = node.args[0] if node.args else None
+        if not sp.fresh_result(x) or any(order[u] < order[node] and not _shape_only(u, x) for u in x.users):
+            continue
+        if any(_mutates(u) for u in x.users if u is not node):
+            continue
+        out[node] = functional
+    return out
+
+
+def _shape_only(user, x) -> bool:
+    """``user`` reads only x's shape or dtype (``m.expand_as(x)``, ``x.size()``)."""
+    aten = torch.ops.aten
+    if user.op == "call_function":
+        if user.target is aten.sym_size.int:
+            return True
+        return user.target in (aten.expand_as.default, aten.type_as.default) and user.args[0] is not x
+    if user.op != "call_method":
+        return False
+    if user.target in ("size", "dim"):
+        return True
+    return user.target in ("expand_as", "type_as", "view_as", "reshape_as") and user.args[0] is not x
+
+
+def _written(gm: fx.GraphModule, skip=()) -> set:
+    """Every node whose value an in-place call changes: the operand and what it views (not
+    through the calls in ``skip``, read as functional)."""
     out = set()
     for node in gm.graph.nodes:
-        if not _mutates(node) or not node.args:
+        if not _mutates(node) or not node.args or node in skip:
             continue
         x = node.args[0]
         while isinstance(x, fx.Node) and x not in out:
@@ -368,14 +422,17 @@ def _getitem(imp: FxImport, node) -> bool:
     """``x[i]`` of a multi-output IR node: just that output's ref."""
     src, index = node.args
     refs = imp.ref_of.get((src, "multi"))
+    if refs is not None and not node.users and isinstance(index, int) and index >= len(refs):
+        return True     # an output the op does not model, read by nothing (max(dim)'s indices)
     if refs is None or not isinstance(index, int) or not -len(refs) <= index < len(refs):
         return False
     imp.ref_of[node] = refs[index]
     return True
 
 
-def _registry_op(imp: FxImport, node, spell, names) -> bool:
-    target = f"method:{node.target}" if node.op == "call_method" else node.target
+def _registry_op(imp: FxImport, node, spell, names, target=None) -> bool:
+    if target is None:
+        target = f"method:{node.target}" if node.op == "call_method" else node.target
     try:
         candidates = spell.get(target)
     except TypeError:  # unhashable target
@@ -392,7 +449,8 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
         parsed = parse(node.args, dict(node.kwargs), ctx)
         if parsed is None:
             continue
-        tensor_args, attrs = parsed
+        # a third item: the call is only that output of the op (x[..., :k] is split's first part)
+        tensor_args, attrs, *pick = parsed
         refs = []
         for a in tensor_args:
             if isinstance(a, fx.Node):
@@ -415,7 +473,15 @@ def _registry_op(imp: FxImport, node, spell, names) -> bool:
                 continue
             out_refs = out if isinstance(out, tuple) else (out,)
             got = [(tuple(d.const for d in s), dt) for s, dt in (imp.graph.type_of(r) for r in out_refs)]
-            if got != [tuple(t) for t in types]:  # not this op after all (a cast that casts): the
+            wanted = [tuple(t) for t in types]
+            if pick:
+                out_refs, got = out_refs[pick[0]:pick[0] + 1], got[pick[0]:pick[0] + 1]
+            elif isinstance(value, (list, tuple)) and len(got) < len(wanted) and all(
+                    u.op == "call_function" and u.target is operator.getitem and isinstance(u.args[1], int)
+                    and (0 <= u.args[1] < len(got) or not u.users) for u in node.users):
+                wanted = wanted[:len(got)]  # the op is the leading outputs, the only ones read
+                                            # (max(dim)'s values, not its indices)
+            if got != wanted:                     # not this op after all (a cast that casts): the
                 del imp.graph.nodes[mark:]        # next spelling, or an opaque node
                 continue
             if isinstance(value, (list, tuple)):

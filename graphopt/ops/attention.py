@@ -282,6 +282,108 @@ sdpa_masked = register(OpDef(
 ))
 
 
+def _sink_shape_check(name, z, q):
+    """The sinks: one extra logit per query row, (..., t, 1), broadcasting to q's rows."""
+    rows = q[:-1] + (Dim.of(1),)
+    if len(z) > len(rows) or any(dz != dr and not (dz.is_const and dz.const == 1)
+                                 for dz, dr in zip(reversed(z), reversed(rows))):
+        raise ShapeError(f"{name}: the sinks' shape {z} does not broadcast to the query rows {rows}")
+
+
+def _sdpa_sink_infer(shapes, dtypes, attrs):
+    q, k, v, z, s = shapes
+    if len(s) != 0:
+        raise ShapeError("sdpa_sink: the scale must be a scalar (shape ())")
+    _check_qkv(q, k, v, False)
+    _sink_shape_check("sdpa_sink", z, q)
+    return [(q[:-1] + (v[-1],), dtypes[0])]
+
+
+def _sdpa_sink_masked_infer(shapes, dtypes, attrs):
+    q, k, v, m, z, s = shapes
+    _sdpa_masked_infer((q, k, v, m, s), dtypes, {"enable_gqa": False})
+    _sink_shape_check("sdpa_sink_masked", z, q)
+    return [(q[:-1] + (v[-1],), dtypes[0])]
+
+
+def _sink_compute(dom, q, k, v, z, s, mask=None, causal=False):
+    scores = dom.mod(np.matmul(q, np.swapaxes(k, -1, -2)) * s)
+    if mask is not None:
+        scores = dom.mod(scores + mask)
+    n = scores.shape[-1]
+    keep = None
+    if causal:
+        keep = np.concatenate([np.tril(np.ones((scores.shape[-2], n), dtype=np.int64)),
+                               np.ones((scores.shape[-2], 1), dtype=np.int64)], axis=-1)
+    z = np.broadcast_to(z, scores.shape[:-1] + (1,))
+    weights = dom.softmax(np.concatenate([scores, z], axis=-1), -1, keep)[..., :n]
+    return [dom.mod(np.matmul(weights, v))]
+
+
+def sink_attention(q, k, v, z, scale, mask=None, is_causal=False):
+    """Attention with a sink z (one extra logit per query row, its column dropped after the
+    softmax), fused.  The kernel is chosen by device when it runs, so the emitted graph holds
+    this function as one call (``handle_torch_function`` records it when traced).
+
+    On the CPU, torch's flash kernel gives each row's log-sum-exp L with the output O; the
+    sink only adds e^z to the softmax's denominator: O * e^L / (e^L + e^z) = O * sigmoid(L - z),
+    exact (a row whose keys are all masked gets O = 0, as in eager).  Elsewhere: one extra key
+    whose score is z and whose value is 0, through public SDPA."""
+    args = (q, k, v, z, scale, mask, is_causal)
+    if torch.overrides.has_torch_function(args):
+        return torch.overrides.handle_torch_function(sink_attention, args, *args)
+    if q.device.type == "cpu" and q.dim() == 4 and q.dtype in (torch.float32, torch.bfloat16, torch.float16) \
+            and q.shape[-1] == v.shape[-1]:     # (the CPU flash kernel: one head size for q, k and v)
+        if mask is not None and mask.dtype != q.dtype:
+            mask = torch.zeros_like(mask, dtype=q.dtype).masked_fill(~mask, float("-inf")) \
+                if mask.dtype == torch.bool else mask.to(q.dtype)
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
+        zz = z.squeeze(-1) if z.dim() == lse.dim() + 1 else z
+        return out * torch.sigmoid(lse - zz.float()).unsqueeze(-1).to(out.dtype)
+    t, n, d = q.shape[-2], k.shape[-2], q.shape[-1]
+    q2 = torch.cat([q, (z.to(q.dtype) / scale).expand(*q.shape[:-1], 1)], -1)
+    k2 = torch.cat([k, k.new_zeros(*k.shape[:-1], 1)], -1)
+    extra = k.new_zeros(*k.shape[:-2], 1, d + 1)
+    extra[..., -1] = 1
+    k2 = torch.cat([k2, extra], -2)
+    v2 = torch.cat([v, v.new_zeros(*v.shape[:-2], 1, v.shape[-1])], -2)
+    if is_causal:
+        mask = torch.ones(t, n, dtype=torch.bool, device=q.device).tril()
+    if mask is not None:
+        col = (torch.ones(*mask.shape[:-1], 1, dtype=torch.bool, device=mask.device)
+               if mask.dtype == torch.bool else mask.new_zeros(*mask.shape[:-1], 1))
+        mask = torch.cat([mask, col], -1)
+    return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask, scale=scale)
+
+
+def _sink_flops(ins, outs, a):
+    return 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2 // (2 if a.get("is_causal") else 1)
+
+
+sdpa_sink = register(OpDef(
+    name="sdpa_sink", arity=5, algebraic=False, scalar_operand=4,
+    doc="Attention with a sink: softmax over [q @ k^T * s [causal], z] with the last column "
+        "(the sink, one logit per query row, z of shape (..., t, 1)) dropped, @ v (gpt-oss, "
+        "DeepSeek-V4, MiMo).  Fused: SDPA's log-sum-exp rescales its output.",
+    attrs={"is_causal": AttrSpec("bool", False)},
+    infer=_sdpa_sink_infer,
+    compute=lambda dom, x, a: _sink_compute(dom, *x, causal=a["is_causal"]),
+    lower=lambda t, a: [sink_attention(*t[:4], _scale(t[4]), is_causal=a["is_causal"])],
+    flops=_sink_flops,
+))
+
+sdpa_sink_masked = register(OpDef(
+    name="sdpa_sink_masked", arity=6, algebraic=False, scalar_operand=5,
+    doc="Attention with a sink and an additive mask: softmax over [q @ k^T * s + mask, z], the "
+        "sink column dropped, @ v.",
+    infer=_sdpa_sink_masked_infer,
+    compute=lambda dom, x, a: _sink_compute(dom, x[0], x[1], x[2], x[4], x[5], mask=x[3]),
+    lower=lambda t, a: [sink_attention(t[0], t[1], t[2], t[4], _scale(t[5]), mask=t[3])],
+    flops=_sink_flops,
+))
+
+
 def _repeat_heads_infer(shapes, dtypes, attrs):
     (x,) = shapes
     if len(x) < 3:

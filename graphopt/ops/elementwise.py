@@ -61,13 +61,13 @@ mul = register(OpDef(
     to_onnx=ox.node("Mul"),
 ))
 
-def _badd_infer(shapes, dtypes, attrs):
+def _badd_infer(shapes, dtypes, attrs, name="badd"):
     x, b = shapes
     if len(b) > len(x):
-        raise ShapeError(f"badd: the addend has rank {len(b)} > {len(x)}")
+        raise ShapeError(f"{name}: the second operand has rank {len(b)} > {len(x)}")
     for dx, db in zip(reversed(x), reversed(b)):
         if db != dx and not (db.is_const and db.const == 1):
-            raise ShapeError(f"badd: the addend's shape {tuple(b)} does not broadcast to {tuple(x)}")
+            raise ShapeError(f"{name}: the second operand's shape {tuple(b)} does not broadcast to {tuple(x)}")
     return [(x, dtypes[0])]
 
 
@@ -85,6 +85,31 @@ badd = register(OpDef(
     onnx=(OnnxForm("Add", ox.broadcast),),
     to_onnx=ox.node("Add"),
 ))
+
+bmul = register(OpDef(
+    name="bmul", arity=2, algebraic=True,
+    doc="x * b where b broadcasts to x's shape (a per-row rescaling of an attention output).  "
+        "Not enumerated.",
+    infer=lambda shapes, dtypes, attrs: _badd_infer(shapes, dtypes, attrs, "bmul"),
+    compute=lambda dom, x, a: [dom.mod(x[0] * x[1])],
+    lower=lambda t, a: [t[0] * t[1]],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((operator.mul, torch.mul, "method:mul", aten.mul.Tensor), sp.broadcast_mul),),
+    to_onnx=ox.node("Mul"),
+))
+
+bsub = register(OpDef(
+    name="bsub", arity=2, algebraic=True,
+    doc="x - b where b broadcasts to x's shape (the row maximum taken off the scores before a "
+        "softmax, a mean taken off in a norm).  Not enumerated.",
+    infer=lambda shapes, dtypes, attrs: _badd_infer(shapes, dtypes, attrs, "bsub"),
+    compute=lambda dom, x, a: [dom.mod(x[0] - x[1])],
+    lower=lambda t, a: [t[0] - t[1]],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((operator.sub, torch.sub, "method:sub", aten.sub.Tensor), sp.broadcast_sub),),
+    to_onnx=ox.node("Sub"),
+))
+
 
 def _bcast_infer(shapes, dtypes, attrs):
     a, b = shapes
@@ -192,6 +217,27 @@ sadd = register(OpDef(
 ))
 
 
+def _smax_compute(dom, x, a):
+    """max(x, s) = relu(x - s) + s: exact in the float domain, the relu surrogate elsewhere."""
+    if dom.name == "float":
+        return [np.maximum(x[0], x[1])]
+    return [dom.mod(dom.relu(dom.mod(x[0] - x[1])) + x[1])]
+
+
+smax = register(OpDef(
+    name="smax", arity=2, algebraic=False, scalar_operand=1,
+    doc="The larger of each entry and a scalar (``torch.max(x, s)``, ``torch.maximum``): XGLM "
+        "clamps its masked scores at the dtype's lowest value.",
+    infer=_by_scalar("smax"),
+    compute=_smax_compute,
+    lower=lambda t, a: [torch.maximum(t[0], t[1])],
+    flops=_elementwise_flops(1),
+    fx=(FxForm((torch.max, torch.maximum, "method:maximum", aten.maximum.default, aten.max.other),
+               sp.tensor_and_scalar_tensor),),
+    to_onnx=ox.node("Max"),
+))
+
+
 def _spow_compute(dom, x, a):
     out = x[0]
     for _ in range(a["exponent"] - 1):
@@ -222,6 +268,25 @@ tanh = register(OpDef(
     fx=(FxForm((torch.tanh, "method:tanh", aten.tanh.default), sp.unary),),
     onnx=(OnnxForm("Tanh", ox.unary),),
     to_onnx=ox.node("Tanh"),
+))
+
+def _sigmoid_compute(dom, x, a):
+    if dom.name == "float":
+        with np.errstate(over="ignore"):
+            return [1.0 / (1.0 + np.exp(-x[0]))]
+    return [dom.mod(dom.recip(dom.mod(1 + dom.exp(dom.mod(-x[0])))))]   # surrogate: 1 / (1 + exp~(-x))
+
+
+sigmoid = register(OpDef(
+    name="sigmoid", arity=1, algebraic=False,
+    doc="Elementwise 1 / (1 + e**-x).  Fingerprint: the same through the exp surrogate.",
+    infer=_same("sigmoid"),
+    compute=_sigmoid_compute,
+    lower=lambda t, a: [torch.sigmoid(t[0])],
+    flops=_elementwise_flops(4),
+    fx=(FxForm((torch.sigmoid, "method:sigmoid", aten.sigmoid.default, torch.nn.functional.sigmoid), sp.unary),),
+    onnx=(OnnxForm("Sigmoid", ox.unary),),
+    to_onnx=ox.node("Sigmoid"),
 ))
 
 GELU_A = 0.7978845608028654  # sqrt(2 / pi)

@@ -1,6 +1,8 @@
 """Layout operators: transpose, concat, split and reshape."""
 from __future__ import annotations
 
+import operator
+
 import numpy as np
 import torch
 
@@ -115,7 +117,8 @@ split = register(OpDef(
                         t[0].narrow(a["axis"], a["left"], t[0].shape[a["axis"]] - a["left"])],
     flops=lambda ins, outs, a: 0,
     enum_attrs=_split_points,
-    fx=(FxForm((torch.split, "method:split", aten.split_with_sizes.default, aten.split.Tensor), sp.split),),
+    fx=(FxForm((torch.split, "method:split", aten.split_with_sizes.default, aten.split.Tensor), sp.split),
+        FxForm((operator.getitem, aten.slice.Tensor), sp.slice_as_split)),
     onnx=(OnnxForm("Split", ox.split),),
     to_onnx=ox.emit_split,
 ))
@@ -177,7 +180,8 @@ reshape = register(OpDef(
     flops=lambda ins, outs, a: 0,
     enum_attrs=None,  # shape-changing reshapes need concrete sizes; not enumerated
     fx=(FxForm((torch.reshape, "method:reshape", "method:view", aten.view.default, aten.reshape.default,
-                aten._unsafe_view.default), sp.to_own_shape),),
+                aten._unsafe_view.default, torch.unsqueeze, "method:unsqueeze", aten.unsqueeze.default),
+               sp.to_own_shape),),
     onnx=(OnnxForm("Reshape", ox.reshape),),
     to_onnx=ox.emit_reshape,
 ))

@@ -210,6 +210,14 @@ def emit_reduce_sum(b, ins, attrs, outs):
            keepdims=int(attrs["keepdim"]))
 
 
+def emit_reduce_max(b, ins, attrs, outs):
+    if b.opset >= 18:       # axes became an input in opset 18
+        b.node("ReduceMax", [ins[0], b.const(np.array([attrs["axis"]], dtype=np.int64))], outs,
+               keepdims=int(attrs["keepdim"]))
+    else:
+        b.node("ReduceMax", [ins[0]], outs, axes=[int(attrs["axis"])], keepdims=int(attrs["keepdim"]))
+
+
 def emit_softmax(b, ins, attrs, outs):
     b.node("Softmax", ins, outs, axis=int(attrs["axis"]))
 

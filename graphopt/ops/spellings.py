@@ -58,6 +58,18 @@ _FRESH_CALLS = {operator.matmul, torch.matmul, torch.bmm, operator.mul, operator
 _FRESH_METHODS = {"matmul", "bmm", "mul", "add", "div", "baddbmm"}
 
 
+def tensor_and_scalar_tensor(args, kwargs, ctx):
+    """``f(x, s)`` with s a 0-d tensor (``torch.max(x, torch.full((), v))``), either order."""
+    if len(args) != 2 or kwargs or not all(ctx.is_tensor(a) for a in args):
+        return None
+    a, b = args
+    if ctx.rank(a) > 0 and ctx.rank(b) == 0:
+        return [a, b], {}
+    if ctx.rank(b) > 0 and ctx.rank(a) == 0:
+        return [b, a], {}
+    return None
+
+
 def in_place_by_scalar(commutative: bool):
     """``x /= 2.0`` (``operator.itruediv``), where x is a fresh result (a matmul's) that
     nothing else reads: the same value as ``x / 2.0``."""
@@ -67,10 +79,14 @@ def in_place_by_scalar(commutative: bool):
         x = args[0] if args else None
         if not isinstance(x, torch.fx.Node) or len(x.users) != 1:
             return None
-        fresh = (x.op == "call_function" and x.target in _FRESH_CALLS) or (
-            x.op == "call_method" and x.target in _FRESH_METHODS)
-        return plain(args, kwargs, ctx) if fresh else None
+        return plain(args, kwargs, ctx) if fresh_result(x) else None
     return parse
+
+
+def fresh_result(x) -> bool:
+    """A new tensor computed by the call (a matmul's, a sum's), no view of another."""
+    return isinstance(x, torch.fx.Node) and (
+        (x.op == "call_function" and x.target in _FRESH_CALLS) or (x.op == "call_method" and x.target in _FRESH_METHODS))
 
 
 def transpose(args, kwargs, ctx):
@@ -334,6 +350,77 @@ def broadcast_add(args, kwargs, ctx):
         return None
     a, b = parsed[0]
     return full_size_first(a, b, ctx.shape(a), ctx.shape(b), ctx.out_shapes[0])
+
+
+def broadcast_mul(args, kwargs, ctx):
+    """``x * b`` where ``b`` (not a scalar) broadcasts to ``x``, either order; x first."""
+    parsed = broadcast_add(args, kwargs, ctx)
+    if parsed is None or ctx.shape(parsed[0][0]) == ctx.shape(parsed[0][1]):
+        return None          # the same shapes: mul's
+    return parsed
+
+
+def broadcast_sub(args, kwargs, ctx):
+    """``x - b`` where ``b`` broadcasts to ``x`` (the result has x's shape)."""
+    parsed = binary_tensors(args, kwargs, ctx)
+    if parsed is None or len(ctx.out_shapes) != 1:
+        return None
+    a, b = parsed[0]
+    if ctx.shape(a) != tuple(ctx.out_shapes[0]) or ctx.shape(b) == ():
+        return None
+    return [a, b], {}
+
+
+def max_values(args, kwargs, ctx):
+    """``x.max(dim, keepdim)`` / ``torch.max(x, dim)``: (values, indices); the op is the values,
+    so every use must be of the values (``[0]`` or ``.values``), never of the indices."""
+    if len(ctx.out_shapes) != 2 or ctx.node is None:
+        return None
+    if any(not (u.op == "call_function" and u.target is operator.getitem and (u.args[1] == 0 or not u.users))
+           for u in ctx.node.users):
+        return None
+    return reduce_sum(args, kwargs, ctx)
+
+
+def slice_as_split(args, kwargs, ctx):
+    """``x[..., :k]`` / ``x[..., k:]`` (one axis sliced, negative bounds too) and
+    ``aten.slice(x, dim, start, end)``: one part of ``split(x, axis, left)``; the third item
+    says which output the call is."""
+    if kwargs or len(args) < 2 or not ctx.is_tensor(args[0]) or len(ctx.out_shapes) != 1:
+        return None
+    x, shape = args[0], ctx.shape(args[0])
+    rank = len(shape)
+    if isinstance(args[1], int) and len(args) >= 3:        # aten.slice.Tensor(x, dim, start, end[, step])
+        dim, start, end = args[1], args[2], args[3] if len(args) > 3 else None
+        step = args[4] if len(args) > 4 else 1
+        if not isinstance(dim, int) or step != 1:
+            return None
+        axis = dim % rank
+    else:
+        index = args[1] if isinstance(args[1], tuple) else (args[1],)
+        full = slice(None, None, None)
+        sliced = [i for i, e in enumerate(index) if isinstance(e, slice) and e != full]
+        if len(sliced) != 1 or any(not (e is Ellipsis or e == full or k in sliced) for k, e in enumerate(index)):
+            return None
+        if index.count(Ellipsis) > 1:
+            return None
+        k = sliced[0]
+        axis = rank - (len(index) - k) if Ellipsis in index[:k] else k
+        s = index[k]
+        if s.step not in (None, 1) or not 0 <= axis < rank:
+            return None
+        start, end = s.start, s.stop
+    n = shape[axis]
+    start = 0 if start is None else start
+    end = n if end is None or end > n else end
+    if not (isinstance(start, int) and isinstance(end, int)):
+        return None
+    start, end = (start + n if start < 0 else start), (end + n if end < 0 else end)
+    if start == 0 and 0 < end < n:
+        return [x], {"axis": _neg(axis, rank), "left": end}, 0
+    if end == n and 0 < start < n:
+        return [x], {"axis": _neg(axis, rank), "left": start}, 1
+    return None
 
 
 def full_size_first(a, b, shape_a, shape_b, out_shape):
