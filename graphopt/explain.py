@@ -18,14 +18,17 @@ from .ir import OPAQUE
 from .ops.base import ITEMSIZE
 
 # ops a score passes through on its way from Q K^T to the softmax (scale, masks, casts)
-_ON_SCORES = {"smul", "sdiv", "sadd", "badd", "add", "mul", "alias", "neg", "tanh", "reshape", "transpose",
-              "fill_masked"}
+_ON_SCORES = {"smul", "sdiv", "sadd", "badd", "add", "mul", "bmul", "alias", "neg", "tanh", "reshape",
+              "transpose", "fill_masked", "smax", "bsub"}
 SOFT_CAP = "soft-capping (tanh) on the scores is not expressible in SDPA"
 SINKS = ("attention sinks (an extra logit per query row, dropped after the softmax) in a form no sink rule "
          "covers (sdpa_sink could compute it: a rule to add)")
 LOWER_CAST = "the weights are cast to a lower precision between the matmuls, which SDPA does not do"
 NO_V = "the softmax's output does not feed a matmul with V (not an attention form)"
 TENSOR_SCALE = "the scale is a tensor (per head or per query), and SDPA takes one number"
+SCORES_TIMES_TENSOR = ("the scores are multiplied by a tensor entry by entry (openai-gpt's 0/1 mask in "
+                       "w * b - 1e4 * (1 - b), which leaves masked scores at -1e4, not a masking fill); "
+                       "SDPA scales the scores by one number")
 OTHER_AXIS = "the softmax is not over the keys (the last axis)"
 SHARED = ("Q K^T is shared with another block (differential attention), so no rule can rewrite one "
           "block alone")
@@ -109,6 +112,8 @@ def why_not_fused(mg, nid) -> str:
     for n in path:
         if n.op == "mul":
             return TENSOR_SCALE
+        if n.op == "bmul":
+            return SCORES_TIMES_TENSOR
         if n.op == OPAQUE:
             return f"{_opaque_name(n)} on the scores is not modelled, so no attention rule can match"
     qk = [k for k in ids if mg.nodes[k].op == "matmul"]
@@ -186,4 +191,4 @@ def unfused_attention(mg) -> list:
 
 
 __all__ = ["attention_blocks", "attention_softmaxes", "is_attention", "unfused_attention", "why_not_fused",
-           "SOFT_CAP", "SINKS", "LOWER_CAST", "RETURNED"]
+           "SOFT_CAP", "SINKS", "LOWER_CAST", "RETURNED", "SCORES_TIMES_TENSOR"]

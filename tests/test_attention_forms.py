@@ -90,6 +90,20 @@ class SinkDroppedWrong(Sinks):
         return p @ torch.cat([v[..., :1, :], v], dim=-2)[..., 1:, :].contiguous()
 
 
+class ZeroOneMask(torch.nn.Module):
+    """openai-gpt: ``w * b + -1e4 * (1 - b)`` with b a 0/1 causal buffer: masked scores are -1e4."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("bias", torch.ones(12, 12).tril()[None, None])
+
+    def forward(self, q, k, v):
+        w = q @ k.transpose(-2, -1) * 0.25
+        b = self.bias[:, :, : w.size(-2), : w.size(-1)]
+        w = w * b + -1e4 * (1 - b)
+        return w.softmax(-1) @ v
+
+
 class ReturnsWeights(torch.nn.Module):
     """The attention weights are an output too (output_attentions)."""
 
@@ -107,6 +121,7 @@ def _qkv(seed=0):
 @pytest.mark.parametrize("model, reason", [
     (SoftCapped(), explain.SOFT_CAP),
     (SinkDroppedWrong(), explain.SINKS),
+    (ZeroOneMask(), explain.SCORES_TIMES_TENSOR),
     (ReturnsWeights(), explain.RETURNED),
 ])
 def test_blocks_sdpa_cannot_compute_are_left_alone_with_the_reason(model, reason, capture):
@@ -391,6 +406,8 @@ def test_sink_attention_kernel_paths_agree_with_eager():
         want = eager(m)
         torch.testing.assert_close(sink_attention(q, k, v, z, 0.25, **kw), want)
         torch.testing.assert_close(sink_attention(q[0], k[0], v[0], z[0], 0.25, **kw), want[0])  # 3-D: extra key
+        per_head = z[0, :, :1]                                     # (h, 1, 1): one sink per head
+        torch.testing.assert_close(sink_attention(q, k, v, per_head, 0.25, **kw), want)
 
 
 def test_row_maximum_taken_off_before_a_softmax_is_the_same_softmax():

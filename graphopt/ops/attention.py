@@ -339,7 +339,7 @@ def sink_attention(q, k, v, z, scale, mask=None, is_causal=False):
                 if mask.dtype == torch.bool else mask.to(q.dtype)
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
             q, k, v, 0.0, is_causal, attn_mask=mask, scale=scale)
-        zz = z.squeeze(-1) if z.dim() == lse.dim() + 1 else z
+        zz = z.squeeze(-1) if z.dim() > 0 else z        # (..., t, 1) -> (..., t), against L's rows
         return out * torch.sigmoid(lse - zz.float()).unsqueeze(-1).to(out.dtype)
     t, n, d = q.shape[-2], k.shape[-2], q.shape[-1]
     q2 = torch.cat([q, (z.to(q.dtype) / scale).expand(*q.shape[:-1], 1)], -1)
