@@ -61,6 +61,11 @@ mul = register(OpDef(
     to_onnx=ox.node("Mul"),
 ))
 
+def _onto_first(name):
+    """Shape inference of ``x (op) b`` where b broadcasts to x: x's shape."""
+    return lambda shapes, dtypes, attrs: _badd_infer(shapes, dtypes, attrs, name)
+
+
 def _badd_infer(shapes, dtypes, attrs, name="badd"):
     x, b = shapes
     if len(b) > len(x):
@@ -90,7 +95,7 @@ bmul = register(OpDef(
     name="bmul", arity=2, algebraic=True,
     doc="x * b where b broadcasts to x's shape (a per-row rescaling of an attention output).  "
         "Not enumerated.",
-    infer=lambda shapes, dtypes, attrs: _badd_infer(shapes, dtypes, attrs, "bmul"),
+    infer=_onto_first("bmul"),
     compute=lambda dom, x, a: [dom.mod(x[0] * x[1])],
     lower=lambda t, a: [t[0] * t[1]],
     flops=_elementwise_flops(1),
@@ -102,7 +107,7 @@ bsub = register(OpDef(
     name="bsub", arity=2, algebraic=True,
     doc="x - b where b broadcasts to x's shape (the row maximum taken off the scores before a "
         "softmax, a mean taken off in a norm).  Not enumerated.",
-    infer=lambda shapes, dtypes, attrs: _badd_infer(shapes, dtypes, attrs, "bsub"),
+    infer=_onto_first("bsub"),
     compute=lambda dom, x, a: [dom.mod(x[0] - x[1])],
     lower=lambda t, a: [t[0] - t[1]],
     flops=_elementwise_flops(1),

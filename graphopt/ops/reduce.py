@@ -10,6 +10,10 @@ from . import spellings as sp
 from .base import AttrSpec, FxForm, OnnxForm, OpDef, norm_axis, numel_int, register
 
 
+def _reduction(name):
+    return lambda shapes, dtypes, attrs: _reduce_infer(shapes, dtypes, attrs, name)
+
+
 def _reduce_infer(shapes, dtypes, attrs, name="reduce_sum"):
     (s,) = shapes
     ax = norm_axis(name, attrs["axis"], len(s))
@@ -49,7 +53,7 @@ amax = register(OpDef(
     doc="The largest entry along one axis (``amax``, ``max(dim).values``): what a model "
         "subtracts from the scores before a softmax (gpt-oss), which the softmax itself does.",
     attrs={"axis": AttrSpec("int"), "keepdim": AttrSpec("bool", True)},
-    infer=lambda shapes, dtypes, attrs: _reduce_infer(shapes, dtypes, attrs, "amax"),
+    infer=_reduction("amax"),
     compute=_amax_compute,
     lower=lambda t, a: [t[0].amax(dim=a["axis"], keepdim=a["keepdim"])],
     flops=lambda ins, outs, a: numel_int(ins[0]),
@@ -74,7 +78,7 @@ logsumexp = register(OpDef(
     doc="log(sum(exp(x))) along one axis, computed stably: the log of a softmax's denominator "
         "(Granite's attention sinks rescale the output by it).",
     attrs={"axis": AttrSpec("int"), "keepdim": AttrSpec("bool", False)},
-    infer=lambda shapes, dtypes, attrs: _reduce_infer(shapes, dtypes, attrs, "logsumexp"),
+    infer=_reduction("logsumexp"),
     compute=_logsumexp_compute,
     lower=lambda t, a: [torch.logsumexp(t[0], dim=a["axis"], keepdim=a["keepdim"])],
     flops=lambda ins, outs, a: 4 * numel_int(ins[0]),
