@@ -189,19 +189,22 @@ def _sdpa_flops(ins, outs, a):
     return full // 2 if a.get("is_causal") else full
 
 
-def _sdpa_compute(dom, x, a, mask=None):
+def _sdpa_compute(dom, x, a, mask=None, sink=None):
+    """softmax(q k^T s [+ mask] [causal]) v; with ``sink`` (..., t, 1), one more logit per row
+    joins the softmax and its column is dropped after it."""
     q, k, v, s = x
-    if a["enable_gqa"] and q.shape[-3] != k.shape[-3]:
+    if a.get("enable_gqa") and q.shape[-3] != k.shape[-3]:
         rep = q.shape[-3] // k.shape[-3]
         k, v = np.repeat(k, rep, axis=-3), np.repeat(v, rep, axis=-3)
     scores = dom.mod(np.matmul(q, np.swapaxes(k, -1, -2)) * s)
     if mask is not None:
         scores = dom.mod(scores + mask)
-    keep = None
-    if a.get("is_causal"):
-        t, n = scores.shape[-2], scores.shape[-1]
-        keep = np.tril(np.ones((t, n), dtype=np.int64))
-    return [dom.mod(np.matmul(dom.softmax(scores, -1, keep), v))]
+    t, n = scores.shape[-2], scores.shape[-1]
+    keep = np.tril(np.ones((t, n), dtype=np.int64)) if a.get("is_causal") else None
+    if sink is not None:
+        scores = np.concatenate([scores, np.broadcast_to(sink, scores.shape[:-1] + (1,))], axis=-1)
+        keep = None if keep is None else np.concatenate([keep, np.ones((t, 1), dtype=np.int64)], axis=-1)
+    return [dom.mod(np.matmul(dom.softmax(scores, -1, keep)[..., :n], v))]
 
 
 def _scale(s):
@@ -292,32 +295,16 @@ def _sink_shape_check(name, z, q):
 
 def _sdpa_sink_infer(shapes, dtypes, attrs):
     q, k, v, z, s = shapes
-    if len(s) != 0:
-        raise ShapeError("sdpa_sink: the scale must be a scalar (shape ())")
-    _check_qkv(q, k, v, False)
+    out = _sdpa_infer((q, k, v, s), dtypes, {"enable_gqa": False})
     _sink_shape_check("sdpa_sink", z, q)
-    return [(q[:-1] + (v[-1],), dtypes[0])]
+    return out
 
 
 def _sdpa_sink_masked_infer(shapes, dtypes, attrs):
     q, k, v, m, z, s = shapes
-    _sdpa_masked_infer((q, k, v, m, s), dtypes, {"enable_gqa": False})
+    out = _sdpa_masked_infer((q, k, v, m, s), dtypes, {"enable_gqa": False})
     _sink_shape_check("sdpa_sink_masked", z, q)
-    return [(q[:-1] + (v[-1],), dtypes[0])]
-
-
-def _sink_compute(dom, q, k, v, z, s, mask=None, causal=False):
-    scores = dom.mod(np.matmul(q, np.swapaxes(k, -1, -2)) * s)
-    if mask is not None:
-        scores = dom.mod(scores + mask)
-    n = scores.shape[-1]
-    keep = None
-    if causal:
-        keep = np.concatenate([np.tril(np.ones((scores.shape[-2], n), dtype=np.int64)),
-                               np.ones((scores.shape[-2], 1), dtype=np.int64)], axis=-1)
-    z = np.broadcast_to(z, scores.shape[:-1] + (1,))
-    weights = dom.softmax(np.concatenate([scores, z], axis=-1), -1, keep)[..., :n]
-    return [dom.mod(np.matmul(weights, v))]
+    return out
 
 
 def sink_attention(q, k, v, z, scale, mask=None, is_causal=False):
@@ -357,10 +344,6 @@ def sink_attention(q, k, v, z, scale, mask=None, is_causal=False):
     return F.scaled_dot_product_attention(q2, k2, v2, attn_mask=mask, scale=scale)
 
 
-def _sink_flops(ins, outs, a):
-    return 2 * numel_int(outs[0]) * int(ins[1][-2]) * 2 // (2 if a.get("is_causal") else 1)
-
-
 sdpa_sink = register(OpDef(
     name="sdpa_sink", arity=5, algebraic=False, scalar_operand=4,
     doc="Attention with a sink: softmax over [q @ k^T * s [causal], z] with the last column "
@@ -368,9 +351,9 @@ sdpa_sink = register(OpDef(
         "DeepSeek-V4, MiMo).  Fused: SDPA's log-sum-exp rescales its output.",
     attrs={"is_causal": AttrSpec("bool", False)},
     infer=_sdpa_sink_infer,
-    compute=lambda dom, x, a: _sink_compute(dom, *x, causal=a["is_causal"]),
+    compute=lambda dom, x, a: _sdpa_compute(dom, (x[0], x[1], x[2], x[4]), a, sink=x[3]),
     lower=lambda t, a: [sink_attention(*t[:4], _scale(t[4]), is_causal=a["is_causal"])],
-    flops=_sink_flops,
+    flops=_sdpa_flops,
 ))
 
 sdpa_sink_masked = register(OpDef(
@@ -378,9 +361,9 @@ sdpa_sink_masked = register(OpDef(
     doc="Attention with a sink and an additive mask: softmax over [q @ k^T * s + mask, z], the "
         "sink column dropped, @ v.",
     infer=_sdpa_sink_masked_infer,
-    compute=lambda dom, x, a: _sink_compute(dom, x[0], x[1], x[2], x[4], x[5], mask=x[3]),
+    compute=lambda dom, x, a: _sdpa_compute(dom, (x[0], x[1], x[2], x[5]), a, mask=x[3], sink=x[4]),
     lower=lambda t, a: [sink_attention(t[0], t[1], t[2], t[4], _scale(t[5]), mask=t[3])],
-    flops=_sink_flops,
+    flops=_sdpa_flops,
 ))
 
 
