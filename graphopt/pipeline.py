@@ -246,19 +246,35 @@ def compare_outputs(expected: list, got: list) -> tuple:
             continue
         if x.is_complex():
             x, y = torch.view_as_real(x), torch.view_as_real(y)
-        a, b = x.detach().to("cpu", torch.float64), y.detach().to("cpu", torch.float64)
-        same = (a == b) | (torch.isnan(a) & torch.isnan(b))
-        if not bool(torch.isfinite(b[~same]).all()) or not bool(torch.isfinite(a[~same]).all()):
+        d, largest, finite = _float_difference(x.detach().reshape(-1), y.detach().reshape(-1))
+        if not finite:
             return False, float("inf"), f"output {k}: non-finite values where the original has others"
-        diff = (a - b).abs().masked_fill(same, 0.0)
-        d = float(diff.max())
         worst = max(worst, d)
         rtol, atol = TOLERANCES.get(str(x.dtype).replace("torch.", ""), TOLERANCES["float32"])
-        finite = a[torch.isfinite(a)]
-        scale = max(1.0, float(finite.abs().max()) if finite.numel() else 0.0)
-        if d > (atol + rtol) * scale:
+        if d > (atol + rtol) * max(1.0, largest):
             return False, worst, f"output {k}: max |diff| {d:.3g} exceeds the {x.dtype} tolerance"
     return True, worst, None
+
+
+COMPARE_CHUNK = 1 << 22     # elements compared at a time (a 50k-word vocabulary's logits are 51M)
+
+
+def _float_difference(a, b) -> tuple:
+    """``(max |a - b| where they differ, max |a| over its finite values, finite)`` of two flat
+    float tensors, in chunks (widened exactly: half precision to float32, the rest to float64).
+    ``finite`` is False when either has a non-finite value where the other differs."""
+    import torch
+    wide = torch.float32 if a.dtype in (torch.float16, torch.bfloat16) else torch.float64
+    d = largest = 0.0
+    for i in range(0, a.numel(), COMPARE_CHUNK):
+        x = a[i:i + COMPARE_CHUNK].to("cpu", wide)
+        y = b[i:i + COMPARE_CHUNK].to("cpu", wide)
+        same = (x == y) | (torch.isnan(x) & torch.isnan(y))
+        if not bool((torch.isfinite(x) | same).all()) or not bool((torch.isfinite(y) | same).all()):
+            return float("inf"), largest, False
+        d = max(d, float((x - y).abs().masked_fill_(same, 0.0).max()))
+        largest = max(largest, float(x.abs().masked_fill_(~torch.isfinite(x), 0.0).max()))
+    return d, largest, True
 
 
 def _as_tensor(v):

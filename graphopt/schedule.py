@@ -24,7 +24,7 @@ cost-guided search over both directions of every rule.  Rulesets that no phase n
 Example:
     >>> plan = plan_schedule(load_rulesets(("default", "handwritten")))
     >>> [(step.phase.name, len(step.patterns)) for step in plan]
-    [('canonicalise', 25), ('fuse', 76), ('search', 21760)]
+    [('canonicalise', 26), ('fuse', 77), ('search', 21760)]
 """
 from __future__ import annotations
 

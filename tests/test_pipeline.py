@@ -105,9 +105,9 @@ def test_default_schedule_runs_canonical_and_fusion_greedily_then_searches_gener
         ("search", "backtracking", ("generated",))]
     assert all(p.rule_id.endswith("+") for s in plan[:2] for p in s.patterns)  # as written
     assert {p.rule_id[-1] for p in plan[2].patterns} == {"+", "-"}              # both ways
-    assert len(plan[1].patterns) == 76   # the attention forms (75) and the GELU
+    assert len(plan[1].patterns) == 77   # the attention forms (75), the GELU and its GEMM epilogue
     gate = without_ruleset(plan, "attention")
-    assert gate[1].phase.rulesets == ("fusion",) and len(gate[1].patterns) == 1
+    assert gate[1].phase.rulesets == ("fusion",) and len(gate[1].patterns) == 2
 
 
 def test_unknown_ruleset_and_engine_are_one_line_errors():

@@ -1,4 +1,4 @@
-"""Linear-algebra operators: matmul."""
+"""Linear-algebra operators: matmul, baddbmm, addmm and addmm_gelu."""
 from __future__ import annotations
 
 import operator
@@ -9,6 +9,7 @@ import torch
 from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
+from ..kernels import gemm
 from .base import FxForm, OnnxForm, OpDef, numel_int, register
 
 aten = torch.ops.aten
@@ -33,7 +34,7 @@ matmul = register(OpDef(
     doc="Matrix product over the last two axes (equal batch axes).",
     infer=_matmul_infer,
     compute=lambda dom, x, a: [dom.mod(np.matmul(x[0], x[1]))],
-    lower=lambda t, a: [t[0] @ t[1]],
+    lower=lambda t, a: [gemm(t[0], t[1]) if t[1].dim() == 2 else t[0] @ t[1]],
     flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[0][-1]),
     enum_attrs=lambda shapes: [{}],
     fx=(FxForm((torch.matmul, operator.matmul, "method:matmul", aten.matmul.default, aten.mm.default,
@@ -71,4 +72,55 @@ baddbmm = register(OpDef(
     fx=(FxForm((torch.baddbmm, "method:baddbmm", aten.baddbmm.default), sp.baddbmm),),
     expand=lambda shapes, attrs: [("matmul", [1, 2], {}), ("smul", [("step", 0), 3], {}),
                                   ("badd", [("step", 1), 0], {})],
+))
+
+
+def _addmm_infer(shapes, dtypes, attrs):
+    b, x, w = shapes
+    if len(w) != 2:
+        raise ShapeError(f"addmm: the weight must have rank 2, got rank {len(w)}")
+    (out, dt), = _matmul_infer((x, w), dtypes[1:], {})
+    if tuple(b) != (w[1],):
+        raise ShapeError(f"addmm: the bias must have shape ({w[1]},), got {b}")
+    return [(out, dt)]
+
+
+def _addmm_compute(dom, x, a):
+    b, xx, w = x
+    if w.ndim == 3:     # evaluated in a batch (a leading axis on every input): line w and b up
+        w = w.reshape(w.shape[0], *([1] * (xx.ndim - 3)), *w.shape[1:])
+        b = b.reshape(b.shape[0], *([1] * (xx.ndim - 2)), b.shape[-1])
+    return dom.mod(dom.mod(np.matmul(xx, w)) + b)
+
+
+def _addmm_flops(ins, outs, a):
+    return 2 * numel_int(outs[0]) * int(ins[1][-1]) + numel_int(outs[0])
+
+
+addmm = register(OpDef(
+    name="addmm", arity=3, algebraic=True,
+    doc="x @ w + b, one GEMM that adds its bias (torch.addmm: GPT-2's Conv1D); x may carry "
+        "batch axes, w is 2-D, b of shape (n,).  Run by graphopt.kernels.gemm.",
+    infer=_addmm_infer,
+    compute=lambda dom, x, a: [_addmm_compute(dom, x, a)],
+    lower=lambda t, a: [gemm(t[1], t[2], t[0])],
+    flops=_addmm_flops,
+    fx=(FxForm((torch.addmm, "method:addmm", aten.addmm.default), sp.addmm),),
+))
+
+
+def _addmm_gelu_compute(dom, x, a):
+    from .elementwise import gelu_float     # (imported here: the registry's order is linalg's first)
+    y = _addmm_compute(dom, x, a)
+    return [gelu_float(y) if dom.name == "float" else dom.mod(dom.tanh(y) * y)]
+
+
+addmm_gelu = register(OpDef(
+    name="addmm_gelu", arity=3, algebraic=False,
+    doc="GELU (tanh approximation) of x @ w + b: the GEMM applies it as it writes its output "
+        "(oneDNN's epilogue on the CPU, when graphopt.kernels.gemm measures it faster).",
+    infer=_addmm_infer,
+    compute=_addmm_gelu_compute,
+    lower=lambda t, a: [gemm(t[1], t[2], t[0], gelu=True)],
+    flops=lambda ins, outs, a: _addmm_flops(ins, outs, a) + 8 * numel_int(outs[0]),
 ))

@@ -149,6 +149,20 @@ def linear_without_bias(args, kwargs, ctx):
     return [x, w], {}
 
 
+def addmm(args, kwargs, ctx):
+    """``torch.addmm(b, x, w)`` / ``b.addmm(x, w)`` (beta and alpha 1) with x and w 2-D and a
+    1-D bias b, GPT-2's Conv1D: ``(b, x, w)``."""
+    names = ("input", "mat1", "mat2")
+    vals = [args[k] if k < len(args) else kwargs.get(n) for k, n in enumerate(names)]
+    if len(args) > 3 or set(kwargs) - {"input", "mat1", "mat2", "beta", "alpha"}:
+        return None
+    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not all(ctx.is_tensor(v) for v in vals):
+        return None
+    if (ctx.rank(vals[0]), ctx.rank(vals[1]), ctx.rank(vals[2])) != (1, 2, 2):
+        return None
+    return vals, {}
+
+
 def dropout_at_inference(args, kwargs, ctx):
     """``F.dropout(x, p, training, inplace)`` / ``aten.dropout(x, p, train)``: x when not training."""
     x = args[0] if args else kwargs.get("input")
