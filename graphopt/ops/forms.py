@@ -8,6 +8,8 @@ canonicalisation code in each frontend is here, once:
   ruleset's ``alias(X) == X`` removes it, so the attention rules see softmax feed ``@ V``.
 * ``linear``: ``F.linear(x, w)`` without bias, defined (``expand``) as
   ``matmul(x, transpose(w))``, so the rules see the matmul and merge projections.
+* ``linear_bias``: ``F.linear(x, w, b)``, defined as ``addmm(b, x, transpose(w))``, so the
+  GEMM's epilogue rules see its output.
 * ``permute``: a permutation of more than two axes, defined as a chain of two-axis
   transposes (front to back, so ``(0, 2, 3, 1)`` of (B, T, H, D) ends with the swap of the
   last two: the ``transpose(K)`` the attention rules look for).
@@ -26,6 +28,7 @@ from ..errors import ShapeError
 from . import onnx_spellings as ox
 from . import spellings as sp
 from .base import AttrSpec, FxForm, OnnxForm, OpDef, numel_int, register
+from .linalg import addmm_value
 
 aten = torch.ops.aten
 
@@ -65,6 +68,31 @@ linear = register(OpDef(
     fx=(FxForm((F.linear, aten.linear.default), sp.linear_without_bias),),
     expand=lambda shapes, attrs: [("transpose", [1], {"dim0": -2, "dim1": -1}),
                                   ("matmul", [0, ("step", 0)], {})],
+))
+
+
+def _linear_bias_infer(shapes, dtypes, attrs):
+    x, w, b = shapes
+    (out, dt), = _linear_infer((x, w), dtypes[:2], attrs)
+    if tuple(b) != (w[0],):
+        raise ShapeError(f"linear: the bias must have shape ({w[0]},), got {b}")
+    return [(out, dt)]
+
+
+def _linear_bias_compute(dom, x, a):
+    return [addmm_value(dom, x[2], x[0], np.swapaxes(x[1], -1, -2))]
+
+
+linear_bias = register(OpDef(
+    name="linear_bias", arity=3, algebraic=True,
+    doc="F.linear with a bias, x @ w^T + b; expanded to addmm(b, x, transpose(w)).",
+    infer=_linear_bias_infer,
+    compute=_linear_bias_compute,
+    lower=lambda t, a: [F.linear(t[0], t[1], t[2])],
+    flops=lambda ins, outs, a: 2 * numel_int(outs[0]) * int(ins[0][-1]) + numel_int(outs[0]),
+    fx=(FxForm((F.linear, aten.linear.default), sp.linear_with_bias),),
+    expand=lambda shapes, attrs: [("transpose", [1], {"dim0": -2, "dim1": -1}),
+                                  ("addmm", [2, 0, ("step", 0)], {})],
 ))
 
 

@@ -85,8 +85,8 @@ def _addmm_infer(shapes, dtypes, attrs):
     return [(out, dt)]
 
 
-def _addmm_compute(dom, x, a):
-    b, xx, w = x
+def addmm_value(dom, b, xx, w):
+    """x @ w + b in a semantic domain (also evaluated in a batch: a leading axis on every input)."""
     if w.ndim == 3:     # evaluated in a batch (a leading axis on every input): line w and b up
         w = w.reshape(w.shape[0], *([1] * (xx.ndim - 3)), *w.shape[1:])
         b = b.reshape(b.shape[0], *([1] * (xx.ndim - 2)), b.shape[-1])
@@ -102,7 +102,7 @@ addmm = register(OpDef(
     doc="x @ w + b, one GEMM that adds its bias (torch.addmm: GPT-2's Conv1D); x may carry "
         "batch axes, w is 2-D, b of shape (n,).  Run by graphopt.kernels.gemm.",
     infer=_addmm_infer,
-    compute=lambda dom, x, a: [_addmm_compute(dom, x, a)],
+    compute=lambda dom, x, a: [addmm_value(dom, *x)],
     lower=lambda t, a: [gemm(t[1], t[2], t[0])],
     flops=_addmm_flops,
     fx=(FxForm((torch.addmm, "method:addmm", aten.addmm.default), sp.addmm),),
@@ -111,7 +111,7 @@ addmm = register(OpDef(
 
 def _addmm_gelu_compute(dom, x, a):
     from .elementwise import gelu_float     # (imported here: the registry's order is linalg's first)
-    y = _addmm_compute(dom, x, a)
+    y = addmm_value(dom, *x)
     return [gelu_float(y) if dom.name == "float" else dom.mod(dom.tanh(y) * y)]
 
 

@@ -163,6 +163,18 @@ def addmm(args, kwargs, ctx):
     return vals, {}
 
 
+def linear_with_bias(args, kwargs, ctx):
+    """``F.linear(x, w, b)`` / ``aten.linear(x, w, b)`` with a 1-D bias: ``(x, w, b)``."""
+    x = args[0] if args else kwargs.get("input")
+    w = args[1] if len(args) > 1 else kwargs.get("weight")
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    if bias is None or not all(ctx.is_tensor(v) for v in (x, w, bias)):
+        return None
+    if ctx.rank(w) != 2 or ctx.rank(x) < 2 or ctx.rank(bias) != 1:
+        return None
+    return [x, w, bias], {}
+
+
 def dropout_at_inference(args, kwargs, ctx):
     """``F.dropout(x, p, training, inplace)`` / ``aten.dropout(x, p, train)``: x when not training."""
     x = args[0] if args else kwargs.get("input")
