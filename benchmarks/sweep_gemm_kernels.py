@@ -36,7 +36,10 @@ def build(arch: str, dtype):
     cfg = AutoConfig.for_model(arch)
     for k, v in SIZES.items():
         if hasattr(cfg, k):
-            setattr(cfg, k, v)
+            try:
+                setattr(cfg, k, v)
+            except AttributeError:      # a derived property (Falcon's head_dim)
+                pass
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
     return Logits(AutoModelForCausalLM.from_config(cfg).eval()).to(dtype)

@@ -1,4 +1,6 @@
 """graphopt.kernels: GEMM schedules chosen by measurement, each equal to the plain call."""
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ def fresh(monkeypatch):
     """An empty choice table, and every GEMM large enough to be measured."""
     monkeypatch.setattr(kernels, "_CHOICE", {})
     monkeypatch.setattr(kernels, "MIN_MACS", 1)
+    monkeypatch.setattr(kernels, "PRUNE", float("inf"))     # time every schedule
     monkeypatch.delenv("GRAPHOPT_GEMM", raising=False)
     return kernels
 
@@ -72,6 +75,21 @@ def test_a_schedule_that_computes_something_else_is_never_chosen(fresh, monkeypa
     assert torch.allclose(out, torch.addmm(b, x, w))
     name, times = next(iter(fresh.chosen().values()))
     assert name == "plain" and "wrong" not in times
+
+
+def test_a_schedule_far_slower_in_the_first_round_is_timed_once(fresh, monkeypatch):
+    calls = []
+
+    def slow(*a):
+        calls.append(1)
+        time.sleep(0.05)
+        return kernels._plain(*a)
+    monkeypatch.setattr(kernels, "PRUNE", 1.5)
+    monkeypatch.setattr(kernels, "_candidates", lambda *a: {"plain": kernels._plain, "slow": slow})
+    x, w, b = _operands(64, 32, 48, torch.float32)
+    fresh.gemm(x, w, b)
+    name, times = next(iter(fresh.chosen().values()))
+    assert name == "plain" and times["slow"] >= 50 and len(calls) == 2    # checked, timed once
 
 
 def test_batch_axes_are_rows():
