@@ -57,9 +57,10 @@ def test_dynamo_graph_round_trip():
     code_before = gm.code
     imp = import_fx(gm)
     ops = [n.op for n in imp.graph.nodes]
-    for op in ("matmul", "transpose", "sdiv", "relu", "smul", "add", "split", "concat", "reduce_sum"):
+    for op in ("matmul", "transpose", "sdiv", "relu", "smul", "add", "split", "concat", "reduce_sum",
+               "linear_bias"):   # (a linear with a bias: the pipeline expands it to addmm)
         assert op in ops, (op, ops)
-    assert ops.count(OPAQUE) == imp.counts["opaque"] >= 2  # layer_norm, linear with bias
+    assert ops.count(OPAQUE) == imp.counts["opaque"] >= 1  # layer_norm
     new = export_fx(imp)
     _assert_same(new(*example), gm(*example))
     assert gm.code == code_before  # the captured module is not modified
