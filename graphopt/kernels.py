@@ -33,6 +33,7 @@ Example:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import statistics
@@ -50,6 +51,7 @@ PRUNE = 1.5                 # a schedule this many times slower than the fastest
 _TOLERANCE = {torch.float32: 1e-4, torch.float64: 1e-10, torch.bfloat16: 2e-2, torch.float16: 4e-3}
 
 _CHOICE: dict = {}          # key of a shape -> (name, schedule, {name: median ms})
+_RECORDERS: list = []       # open recording() dicts: every measured GEMM run is noted in each
 
 
 def gemm(x, w, bias=None, gelu: bool = False):
@@ -68,6 +70,27 @@ def gemm(x, w, bias=None, gelu: bool = False):
     return out if x.dim() == 2 else out.reshape(*lead, n)
 
 
+@contextlib.contextmanager
+def recording():
+    """Note the measured GEMMs run inside: yields ``{description: {"schedule", "ms",
+    "plain_ms"}}`` (``"1024x768 @ 768x3072 +bias +GELU"``), filled as they run; the
+    optimizer's report lists those its verification ran (none when the model's parameters
+    require grad: with autograd the plain call runs)."""
+    seen: dict = {}
+    _RECORDERS.append(seen)
+    try:
+        yield seen
+    finally:
+        _RECORDERS.remove(seen)
+
+
+def describe(key) -> str:
+    """A choice's key as text: ``"1024x768 @ 768x3072 +bias +GELU"`` (bf16 and so on after)."""
+    dtype, m, k, n, bias, gelu = key[:6]
+    return (f"{m}x{k} @ {k}x{n}{' +bias' if bias else ''}{' +GELU' if gelu else ''} "
+            f"{str(dtype).replace('torch.', '')}")
+
+
 def chosen() -> dict:
     """The schedules chosen so far in this process: ``{(dtype, m, k, n, bias, gelu,
     threads): (name, {schedule: median ms})}``."""
@@ -76,8 +99,11 @@ def chosen() -> dict:
 
 def _measurable(x, w, bias) -> bool:
     ts = (x, w) if bias is None else (x, w, bias)
-    if os.environ.get("GRAPHOPT_GEMM", "") == "plain" or torch.compiler.is_compiling():
+    if os.environ.get("GRAPHOPT_GEMM", "") == "plain":
         return False
+    if torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting():
+        return False        # traced: the plain call is what gets recorded (is_compiling() would also
+                            # be True while a torch.compile backend, graphopt's verification, runs)
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in ts):
         return False        # fake, functional or other subclass tensors: a tracer runs this
     if x.device.type != "cpu" or w.dim() != 2 or x.dtype not in _TOLERANCE:
@@ -162,6 +188,10 @@ def _schedule(x, w, bias, gelu):
     hit = _CHOICE.get(key)
     if hit is None:
         hit = _CHOICE[key] = _measure(x, w, bias, gelu, _candidates(m, n, x.dtype, gelu))
+    for seen in _RECORDERS:
+        name, _, ms = hit
+        seen[describe(key)] = {"schedule": name, "ms": round(ms.get(name, 0.0), 3),
+                               "plain_ms": round(ms.get("plain", 0.0), 3)}
     return hit[1]
 
 

@@ -22,6 +22,7 @@ import traceback
 from collections import Counter
 from typing import Protocol
 
+from . import kernels
 from .errors import GraphoptError, first_line
 from .explain import attention_blocks
 from .options import Options
@@ -83,8 +84,9 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> 
         return frontend.original, rep
     if opts.verify:                                                     # verify
         stage("verify")
-        ok, diff, why = verify_against(frontend, artifact)
-        rep.max_abs_diff = diff
+        with kernels.recording() as gemms:   # (the first run of a GEMM shape measures its schedules)
+            ok, diff, why = verify_against(frontend, artifact)
+        rep.max_abs_diff, rep.gemms = diff, dict(gemms)
         if not ok:
             rep.fallback = f"verification failed: {why}; original {frontend.what} kept"
             return frontend.original, rep

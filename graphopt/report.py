@@ -25,6 +25,7 @@ class GraphReport:
     phases: dict = field(default_factory=dict)  # schedule phase -> {"engine", "rulesets", "applied", "seconds"}
     op_counts: dict = field(default_factory=dict)  # "before"/"after" -> {torch op: calls} (torch frontend)
     runtime: object = field(default=None, repr=False, compare=False)  # what runs (graphopt.runtime), with .stats
+    gemms: dict = field(default_factory=dict)  # GEMM shape -> the schedule graphopt.kernels measured for it
 
 
 # the registry's fused attention ops
@@ -143,6 +144,7 @@ class Report:
             "max_abs_diff": self.max_abs_diff,
             "attention": self.attention,
             "attention_not_fused": self.attention_reasons,
+            "gemms": {k: v for g in self.graphs if not g.fallback for k, v in g.gemms.items()},
             "phases": self.phases,
             "notes": self.notes,
             "fallbacks": self.fallbacks,
@@ -176,6 +178,8 @@ def format_report(j: dict, title: str | None = None) -> str:
                      + (f", {a['sink']} with a sink" if a.get("sink") else "") + ")")
         for why, n in (j.get("attention_not_fused") or {}).items():
             lines.append(f"  not fused      {n} block(s): {why}")
+    for what, c in (j.get("gemms") or {}).items():
+        lines.append(f"  GEMM schedule  {what}: {c['schedule']}, {c['ms']:.3g} ms (plain call {c['plain_ms']:.3g} ms)")
     lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
     for n in j["notes"]:
         lines.append(f"  note           {n}")

@@ -124,3 +124,21 @@ def test_fx_tracing_records_one_call():
     gm = torch.fx.symbolic_trace(lambda x, w, b: kernels.gemm(x, w, b, gelu=True))
     calls = [n.target for n in gm.graph.nodes if n.op == "call_function"]
     assert calls == [kernels.gemm]
+
+
+def test_the_report_lists_the_schedules_its_verification_measured(fresh):
+    import graphopt
+
+    class Mlp(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w, self.b = torch.nn.Parameter(torch.randn(32, 96) * 0.1), torch.nn.Parameter(torch.zeros(96))
+
+        def forward(self, x):
+            return F.gelu(torch.addmm(self.b, x, self.w), approximate="tanh")
+
+    fast = graphopt.optimize(Mlp().requires_grad_(False), (torch.randn(40, 32),))   # (with autograd: plain)
+    gemms = fast.report.to_json()["gemms"]
+    assert list(gemms) == ["40x32 @ 32x96 +bias +GELU float32"], gemms
+    assert gemms["40x32 @ 32x96 +bias +GELU float32"]["schedule"] in fresh.chosen()[next(iter(fresh.chosen()))][1]
+    assert "GEMM schedule  40x32 @ 32x96 +bias +GELU float32: " in str(fast.report)
