@@ -81,8 +81,8 @@ def forward(args):
         print(f"  this machine's {args.dtype} GEMM rate (1024x768 @ 768x3072, plain mm): {_gemm_rate(dtype):.2f} TFLOP/s")
         for key, (name, ms) in kernels.chosen().items():
             if key[0] == dtype:
-                print(f"  GEMM {key[1]}x{key[2]} @ {key[2]}x{key[3]}{' +bias' if key[4] else ''}"
-                      f"{' +GELU' if key[5] else ''}: {name} ({ms.get(name, 0):.2f} ms; plain {ms.get('plain', 0):.2f} ms)")
+                print(f"  GEMM {kernels.describe(key)}: {name} ({ms.get(name, 0):.2f} ms; "
+                      f"plain {ms.get('plain', 0):.2f} ms)")
 
 
 def _gemm_rate(dtype) -> float:

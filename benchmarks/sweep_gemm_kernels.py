@@ -68,8 +68,7 @@ def one(arch: str, dtype, T: int) -> str:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             fast(ids)
     counts = {e.key: e.count for e in prof.key_averages() if e.key in PROFILED}
-    chosen = ", ".join(f"{k[1]}x{k[2]}@{k[3]}{'+b' if k[4] else ''}{'+gelu' if k[5] else ''}:{v[0]}"
-                       for k, v in kernels.chosen().items())
+    chosen = ", ".join(f"{kernels.describe(k)}: {v[0]}" for k, v in kernels.chosen().items())
     short = {k.split("::")[-1].replace("_scaled_dot_product_flash_attention_for_cpu", "sdpa"): v
              for k, v in counts.items()}
     return (f"{arch:12s} {str(dtype)[6:]:8s} rel diff {worst:.2g}  attention {fast.report.attention['fused']}/"

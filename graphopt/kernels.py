@@ -98,19 +98,19 @@ def chosen() -> dict:
 
 
 def _measurable(x, w, bias) -> bool:
-    ts = (x, w) if bias is None else (x, w, bias)
-    if os.environ.get("GRAPHOPT_GEMM", "") == "plain":
-        return False
     if torch.compiler.is_dynamo_compiling() or torch.compiler.is_exporting():
         return False        # traced: the plain call is what gets recorded (is_compiling() would also
                             # be True while a torch.compile backend, graphopt's verification, runs)
+    ts = (x, w) if bias is None else (x, w, bias)
     if any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in ts):
         return False        # fake, functional or other subclass tensors: a tracer runs this
-    if x.device.type != "cpu" or w.dim() != 2 or x.dtype not in _TOLERANCE:
+    if w.dim() != 2 or x.shape[0] * x.shape[1] * w.shape[1] < MIN_MACS:
+        return False        # (before the rest: most GEMMs of a decode step end here)
+    if os.environ.get("GRAPHOPT_GEMM", "") == "plain":
         return False
-    if torch.is_grad_enabled() and any(t.requires_grad for t in ts):
-        return False        # the out= schedules have no autograd
-    return x.shape[0] * x.shape[1] * w.shape[1] >= MIN_MACS
+    if x.device.type != "cpu" or x.dtype not in _TOLERANCE:
+        return False
+    return not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))  # out= has no autograd
 
 
 # -- the schedules --------------------------------------------------------------------

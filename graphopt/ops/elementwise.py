@@ -298,15 +298,11 @@ GELU_A = 0.7978845608028654  # sqrt(2 / pi)
 GELU_B = 0.044715
 
 
-def gelu_float(t):
-    """GELU's tanh approximation in float64 (the reference semantics)."""
-    return 0.5 * t * (1.0 + np.tanh(GELU_A * (t + GELU_B * t ** 3)))
-
-
 def _gelu_tanh_compute(dom, x, a):
     if dom.name != "float":  # no exact meaning: a surrogate that is neither tanh's nor exp's
         return [dom.mod(dom.tanh(x[0]) * x[0])]
-    return [gelu_float(x[0])]
+    t = x[0]
+    return [0.5 * t * (1.0 + np.tanh(GELU_A * (t + GELU_B * t ** 3)))]
 
 
 gelu_tanh = register(OpDef(

@@ -110,9 +110,8 @@ addmm = register(OpDef(
 
 
 def _addmm_gelu_compute(dom, x, a):
-    from .elementwise import gelu_float     # (imported here: the registry's order is linalg's first)
-    y = addmm_value(dom, *x)
-    return [gelu_float(y) if dom.name == "float" else dom.mod(dom.tanh(y) * y)]
+    from .elementwise import gelu_tanh      # (imported here: the registry's order is linalg's first)
+    return gelu_tanh.compute(dom, [addmm_value(dom, *x)], {})
 
 
 addmm_gelu = register(OpDef(

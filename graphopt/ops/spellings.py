@@ -152,12 +152,10 @@ def linear_without_bias(args, kwargs, ctx):
 def addmm(args, kwargs, ctx):
     """``torch.addmm(b, x, w)`` / ``b.addmm(x, w)`` (beta and alpha 1) with x and w 2-D and a
     1-D bias b, GPT-2's Conv1D: ``(b, x, w)``."""
-    names = ("input", "mat1", "mat2")
-    vals = [args[k] if k < len(args) else kwargs.get(n) for k, n in enumerate(names)]
-    if len(args) > 3 or set(kwargs) - {"input", "mat1", "mat2", "beta", "alpha"}:
+    call = _beta_alpha_call(args, kwargs, ctx, ("input", "mat1", "mat2"))
+    if call is None or call[1:] != (1, 1):
         return None
-    if kwargs.get("beta", 1) != 1 or kwargs.get("alpha", 1) != 1 or not all(ctx.is_tensor(v) for v in vals):
-        return None
+    vals = call[0]
     if (ctx.rank(vals[0]), ctx.rank(vals[1]), ctx.rank(vals[2])) != (1, 2, 2):
         return None
     return vals, {}
@@ -328,16 +326,23 @@ def to_own_shape(args, kwargs, ctx):
     return [args[0]], {"shape": list(ctx.out_shapes[0])}
 
 
+def _beta_alpha_call(args, kwargs, ctx, names) -> tuple | None:
+    """``f(input, a, b, *, beta, alpha)`` with three tensors: ``(tensors, beta, alpha)``."""
+    vals = [args[k] if k < len(args) else kwargs.get(n) for k, n in enumerate(names)]
+    if len(args) > 3 or set(kwargs) - {*names, "beta", "alpha"}:
+        return None
+    if not all(ctx.is_tensor(v) for v in vals):
+        return None
+    return vals, kwargs.get("beta", 1), kwargs.get("alpha", 1)
+
+
 def baddbmm(args, kwargs, ctx):
     """``torch.baddbmm(m, x, y, beta=1, alpha=a)`` / ``m.baddbmm(batch1=x, batch2=y, ...)`` with
     beta 1 and a number alpha: ``(m, x, y, alpha)``."""
-    names = ("input", "batch1", "batch2")
-    vals = [args[k] if k < len(args) else kwargs.get(n) for k, n in enumerate(names)]
-    beta, alpha = kwargs.get("beta", 1), kwargs.get("alpha", 1)
-    if len(args) > 3 or set(kwargs) - {"input", "batch1", "batch2", "beta", "alpha"}:
+    call = _beta_alpha_call(args, kwargs, ctx, ("input", "batch1", "batch2"))
+    if call is None or call[1] != 1:
         return None
-    if not all(ctx.is_tensor(v) for v in vals) or beta != 1:
-        return None
+    vals, _, alpha = call
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool):
         return None
     return [vals[0], vals[1], vals[2], float(alpha)], {}
