@@ -267,7 +267,7 @@ def _median_ms(fn, inputs, runs: int) -> float:
 
 
 def _search_options(args) -> dict:
-    options = dict(cost_model=args.cost_model, alpha=args.alpha, budget=args.budget,
+    options = dict(cost_model=args.cost_model, search=args.search, alpha=args.alpha, budget=args.budget,
                    time_limit=args.time_limit, verify=not args.no_verify, seed=args.seed)
     if args.rules:
         from pathlib import Path
@@ -519,7 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--capture", choices=["dynamo", "export"],
                     help="graph capture (default: dynamo; export with -o PATH.pt2)")
     op.add_argument("--cost-model", choices=["roofline", "measured"], default="roofline")
-    op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0)")
+    op.add_argument("--search", choices=["hybrid", "egraph", "backtracking"], default="hybrid",
+                    help="search engine: egraph (equality saturation on egglog), backtracking (TASO's), or hybrid: "
+                         "egraph, then backtracking from its graph (default)")
+    op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0, backtracking)")
     op.add_argument("--budget", type=int, default=100, help="most graphs the search expands")
     op.add_argument("--time-limit", type=float, default=10.0, help="search seconds per graph")
     op.add_argument("--rules", action="append", metavar="FILE",

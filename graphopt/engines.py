@@ -12,6 +12,9 @@ pipeline and the schedule do not change.
   which are always wanted.  A rewrite that leads back to a graph seen before is not taken,
   so a pair of rules that undo each other cannot loop; ``max_rounds`` bounds the rest.
 * ``backtracking``: TASO's cost-guided search (:func:`graphopt.search.search`).
+* ``egraph``: equality saturation (Tensat's search) on egglog, then the cheapest DAG is
+  extracted (:mod:`graphopt.egraph`).
+* ``hybrid`` (the default search): ``egraph``, then ``backtracking`` from its result.
 """
 from __future__ import annotations
 
@@ -63,7 +66,30 @@ def backtracking(mg, patterns, cost_model, opts) -> SearchResult:
     return search(mg, patterns, cost_model, alpha=opts.alpha, budget=opts.budget, time_limit=opts.time_limit)
 
 
-ENGINES = {"greedy": greedy, "backtracking": backtracking}
+def egraph(mg, patterns, cost_model, opts) -> SearchResult:
+    """Equality saturation on egglog, block by block (:mod:`graphopt.egraph`)."""
+    from .egraph import egraph_search
+    return egraph_search(mg, patterns, cost_model, opts)
+
+
+def hybrid(mg, patterns, cost_model, opts) -> SearchResult:
+    """Equality saturation, then TASO's search from the graph it extracted: the e-graph finds
+    the rewrites whose first step costs more (the LoRA merge), the backtracking search the
+    rules the e-graph leaves out (those bringing in ops a block does not have, such as the
+    concat and split of a projection merge).  The e-graph has the time limit; the search what
+    is left of it, but at least half."""
+    from dataclasses import replace
+    first = egraph(mg, patterns, cost_model, opts)
+    rest = max(opts.time_limit / 2, opts.time_limit - first.seconds)
+    second = backtracking(first.graph, patterns, cost_model, replace(opts, time_limit=rest))
+    return SearchResult(second.graph, second.cost, first.initial_cost, first.applied + second.applied,
+                        expanded=first.expanded + second.expanded, candidates=first.candidates + second.candidates,
+                        seconds=first.seconds + second.seconds,
+                        stopped_by=f"e-graph: {first.stopped_by}; backtracking: {second.stopped_by}",
+                        stats=first.stats)
+
+
+ENGINES = {"greedy": greedy, "backtracking": backtracking, "egraph": egraph, "hybrid": hybrid}
 
 
 def register_engine(name: str, fn) -> None:
@@ -73,4 +99,4 @@ def register_engine(name: str, fn) -> None:
     ENGINES[name] = fn
 
 
-__all__ = ["ENGINES", "register_engine", "greedy", "backtracking"]
+__all__ = ["ENGINES", "register_engine", "greedy", "backtracking", "egraph", "hybrid"]

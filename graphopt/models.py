@@ -158,11 +158,56 @@ class Logits(nn.Module):
         return self.model(input_ids=input_ids, use_cache=False).logits
 
 
+class LoRALinear(nn.Module):
+    """A linear layer with a low-rank adapter, as peft's LoRA computes it:
+    ``base(x) + lora_B(lora_A(x)) * scaling`` (B random here, not zero, so that the adapter
+    changes the output)."""
+
+    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0):
+        super().__init__()
+        self.base = base
+        self.lora_A = nn.Linear(base.in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, base.out_features, bias=False)
+        nn.init.normal_(self.lora_B.weight, std=0.02)
+        self.scaling = alpha / rank
+
+    def forward(self, x):
+        return self.base(x) + self.lora_B(self.lora_A(x)) * self.scaling
+
+
+def add_lora(model: nn.Module, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+             rank: int = 8) -> nn.Module:
+    """Wrap every ``nn.Linear`` whose attribute name is in ``targets`` in a :class:`LoRALinear`."""
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if name in targets and isinstance(child, nn.Linear):
+                setattr(module, name, LoRALinear(child, rank))
+    return model
+
+
+class LoRAStack(nn.Module):
+    """Token embedding, then layers of ``relu(x @ W + (x @ A) @ B * s)`` (d=512, rank 8): the
+    smallest model whose best graph needs the LoRA merge ``x @ (W + s * A @ B)``."""
+
+    def __init__(self, vocab: int = 1024, d: int = 512, layers: int = 4, rank: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList(LoRALinear(nn.Linear(d, d, bias=False), rank) for _ in range(layers))
+
+    def forward(self, idx):
+        x = self.embed(idx)
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return x
+
+
 def example(name: str, seq_len: int = 128, batch: int = 1, layers: int | None = None, seed: int = 0):
     """A built-in model and example inputs: ``(model, (input_ids,))``.
 
     Args:
-        name: ``"gpt2"`` (GPT-2-small shape) or ``"llama"`` (a small Llama).
+        name: ``"gpt2"`` (GPT-2-small shape), ``"llama"`` (a small Llama), ``"lora"`` (four
+            LoRA-adapted linear layers) or ``"llama-lora"`` (the Llama with LoRA adapters on its
+            q/k/v/o and MLP projections).
         seq_len: tokens per sequence.
         batch: sequences.
         layers: override the number of layers.
@@ -174,13 +219,18 @@ def example(name: str, seq_len: int = 128, batch: int = 1, layers: int | None = 
         if layers:
             c.n_layer = layers
         model, vocab, limit = GPT(c), c.vocab, c.max_seq
-    elif name == "llama":
+    elif name in ("llama", "llama-lora"):
         c = LlamaConfig()
         if layers:
             c.n_layer = layers
         model, vocab, limit = Llama(c), c.vocab, c.max_seq
+        if name == "llama-lora":
+            model = add_lora(model)
+    elif name == "lora":
+        model = LoRAStack(layers=layers or 4)
+        vocab, limit = 1024, 1 << 16
     else:
-        raise GraphoptError(f"unknown example model {name!r} (built-in: gpt2, llama)")
+        raise GraphoptError(f"unknown example model {name!r} (built-in: {', '.join(EXAMPLES)})")
     if not 1 <= seq_len <= limit:
         raise GraphoptError(f"--seq-len must be between 1 and {limit} for {name}, got {seq_len}")
     if batch < 1:
@@ -189,4 +239,4 @@ def example(name: str, seq_len: int = 128, batch: int = 1, layers: int | None = 
     return model.eval(), (ids,)
 
 
-EXAMPLES = ("gpt2", "llama")
+EXAMPLES = ("gpt2", "llama", "lora", "llama-lora")

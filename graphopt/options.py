@@ -16,6 +16,9 @@ class Options:
     schedule: tuple | None = None               # phases (see graphopt.schedule); default DEFAULT_SCHEDULE
     cost_model: str = "roofline"
     device: str | None = None                   # cost-model device; default: where the inputs live
+    # engine of the search phases: "hybrid" (equality saturation, then TASO's backtracking from
+    # its graph), "egraph" or "backtracking"; see graphopt.engines and BENCHMARKS.md
+    search: str = "hybrid"
     alpha: float = 1.05
     budget: int = 100
     time_limit: float = 10.0
@@ -38,6 +41,10 @@ class Options:
             raise GraphoptError(f"alpha must be >= 1.0, got {opts.alpha}")
         if opts.budget < 0 or opts.time_limit < 0:
             raise GraphoptError("budget and time_limit must be >= 0")
+        from .engines import ENGINES
+        if opts.search not in ENGINES or opts.search == "greedy":
+            raise GraphoptError(f"unknown search engine {opts.search!r} (known: "
+                                f"{', '.join(sorted(k for k in ENGINES if k != 'greedy'))})")
         if isinstance(opts.rules, str):
             opts.rules = (opts.rules,)
         if isinstance(opts.rulesets, str):

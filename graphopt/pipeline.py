@@ -115,11 +115,14 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
     mg, expanded = expand_composites(mg)
     _lint(lint, mg, "expand")
     for step in plan:
-        res = ENGINES[step.phase.engine](mg, step.patterns, cost_model, opts)
+        engine = search_engine(step.phase.engine, opts)
+        res = ENGINES[engine](mg, step.patterns, cost_model, opts)
         mg = res.graph
         applied.update(res.applied)
-        rep.phases[step.phase.name] = {"engine": step.phase.engine, "rulesets": list(step.phase.rulesets),
-                                       "applied": sum(res.applied.values()), "seconds": round(res.seconds, 3)}
+        rep.phases[step.phase.name] = {"engine": engine, "rulesets": list(step.phase.rulesets),
+                                       "applied": sum(res.applied.values()), "seconds": round(res.seconds, 3),
+                                       "cost_before": res.initial_cost, "cost_after": res.cost,
+                                       "stopped": res.stopped_by, **({"stats": res.stats} if res.stats else {})}
         _lint(lint, mg, f"phase {step.phase.name}")
     rep.applied, rep.search_seconds = applied, time.monotonic() - start
     by_id = {p.rule_id: p for step in plan for p in step.patterns}
@@ -141,6 +144,12 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
 
 # the test suite sets this (tests/conftest.py): every pipeline run lints after every stage
 LINT_EVERY_STAGE = False
+
+
+def search_engine(engine: str, opts: Options) -> str:
+    """The engine a phase runs with: a cost-guided search phase (``backtracking`` in the
+    schedule) takes the one ``opts.search`` names; greedy phases stay greedy."""
+    return opts.search if engine == "backtracking" else engine
 
 
 def _lint(enabled: bool, mg, stage: str) -> None:

@@ -100,6 +100,9 @@ class Report:
                                           "applied": 0, "seconds": 0.0})
                 q["applied"] += 0 if g.fallback else p["applied"]
                 q["seconds"] = round(q["seconds"] + p["seconds"], 3)
+                if p.get("stats"):
+                    q.setdefault("graph_stats", []).append(p["stats"])
+                    q["stopped"] = p.get("stopped")
         return out
 
     @property
@@ -165,6 +168,14 @@ def format_report(j: dict, title: str | None = None) -> str:
     for name, p in (j.get("phases") or {}).items():
         lines.append(f"  phase          {name}: {p['engine']} over {', '.join(p['rulesets']) or 'no ruleset'}, "
                      f"{p['applied']} site(s) rewritten, {p['seconds']:.2f} s")
+        for st in p.get("graph_stats") or ([p["stats"]] if p.get("stats") else []):
+            if st.get("engine") != "egraph":
+                continue
+            lines.append(f"  e-graph        {st['blocks']} block(s), {st['distinct_blocks']} saturated "
+                         f"({st['improved_blocks']} cheaper); largest {st['max_enodes']} e-nodes in "
+                         f"{st['max_eclasses']} classes, {st['rules']} rules, {st['iterations']} iteration(s); "
+                         f"stopped: {', '.join(f'{k} x{v}' for k, v in st['stopped'].items())}; extraction: "
+                         + (", ".join(f"{k} x{v}" for k, v in st["extraction"].items()) or "none"))
     if j["rules_applied"]:
         lines.append("  rules applied  (id + forward, - backward; sites rewritten)")
         for k, v in j["rules_applied"].items():

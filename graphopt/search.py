@@ -32,6 +32,7 @@ class SearchResult:
     candidates: int = 0
     seconds: float = 0.0
     stopped_by: str = "exhausted"
+    stats: dict = field(default_factory=dict)   # engine-specific figures for the report
 
 
 def compile_patterns(rules) -> list:
