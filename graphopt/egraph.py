@@ -120,7 +120,7 @@ class Limits:
     match_limit: int = 200     # egg's back-off scheduler: a rule matching more often sits out
     enodes: int = 5000
     seconds: float = 10.0
-    ilp_enodes: int = 1500     # solve the exact extraction when the e-graph has at most this many e-nodes
+    ilp_enodes: int = 600      # solve the exact extraction when the e-graph has at most this many e-nodes
     ilp_seconds: float = 1.0
 
 
@@ -906,7 +906,9 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
     roots = [sat.root(v) for v in b.outs]
     ex = Extraction(classes, b.leaves, mg, cost)
     original = {}
-    for nid in b.nodes:   # the block as it is, as a choice (its cost is the bar to beat)
+    # each class's e-node in the block as it was; where a rule merged two of the block's values
+    # (sdiv(matmul(X, Y), s) == matmul(X, Y)), the later one, which reads the earlier
+    for nid in reversed(b.nodes):
         n = mg.nodes[nid]
         for j in range(len(n.outs)):
             k = sat.canon[sat.value_ref[(nid, j)]]
@@ -915,7 +917,7 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
                     original.setdefault(k, en)
     best, how = ex.greedy(roots), "greedy"
     best_cost = ex.dag_cost(best, roots)
-    if n_enodes <= limits.ilp_enodes:
+    if n_enodes <= limits.ilp_enodes and _has_choice(ex, roots):
         choice, status = ex.ilp(roots, limits.ilp_seconds)
         if choice is not None and all(r in choice for r in roots):
             c = ex.dag_cost(choice, roots)
@@ -935,6 +937,22 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
         return None
     stats.improved_blocks += 1
     return best, order, roots, _rules_used({k: best[k] for k in order}, original, _MADE, ex.const)
+
+
+def _has_choice(ex: Extraction, roots) -> bool:
+    """Whether some class the roots need can be extracted in more than one way (if not, the
+    greedy extraction is the only one, and no integer program is needed)."""
+    seen, stack = set(), list(roots)
+    while stack:
+        k = stack.pop()
+        if k in seen:
+            continue
+        seen.add(k)
+        nodes = ex.allowed(k)
+        if len(nodes) > 1:
+            return True
+        stack.extend(kid for en in nodes for kid in en.kids)
+    return False
 
 
 def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:

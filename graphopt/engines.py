@@ -79,7 +79,13 @@ def hybrid(mg, patterns, cost_model, opts) -> SearchResult:
     concat and split of a projection merge).  The e-graph has the time limit; the search what
     is left of it, but at least half."""
     from dataclasses import replace
-    first = egraph(mg, patterns, cost_model, opts)
+    start = time.monotonic()
+    try:
+        first = egraph(mg, patterns, cost_model, opts)
+    except Exception as e:   # noqa: BLE001 - the e-graph is an extra: TASO's search still runs
+        c0 = GraphCost(cost_model)(mg)
+        first = SearchResult(mg, c0, c0, seconds=time.monotonic() - start,
+                             stopped_by=f"failed ({type(e).__name__}: {e})")
     rest = max(opts.time_limit / 2, opts.time_limit - first.seconds)
     second = backtracking(first.graph, patterns, cost_model, replace(opts, time_limit=rest))
     return SearchResult(second.graph, second.cost, first.initial_cost, first.applied + second.applied,

@@ -276,3 +276,18 @@ def test_deeply_nested_json_and_png_to_directory(cli, tmp_path):
     deep.write_text("[" * 100000)
     _one_line_error(cli("rules", "list", str(deep)), "nested too deeply")
     _one_line_error(cli("rules", "show", "rc00", "--png", str(tmp_path)), "is a directory")
+
+
+def test_optimize_lora_with_the_egraph_engine(cli):
+    """``--search egraph`` finds the LoRA merge: one GEMM per adapted layer, said in the report."""
+    proc = cli("optimize", "lora", "--seq-len", "32", "--search", "egraph", "--json", "--runs", "1", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads(proc.stdout)
+    search = report["phases"]["search"]
+    assert search["engine"] == "egraph" and search["graph_stats"][0]["improved_blocks"] >= 1
+    assert report["cost_after_s"] < report["cost_before_s"]
+
+
+def test_optimize_with_an_unknown_engine_is_a_usage_error(cli):
+    proc = cli("optimize", "lora", "--search", "beam")
+    assert proc.returncode != 0 and "invalid choice: 'beam'" in proc.stderr and "Traceback" not in proc.stderr
