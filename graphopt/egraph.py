@@ -90,13 +90,12 @@ def ty(t: Term) -> PyObject:
 
 
 passes = relation("passes", Term, PyObject)   # a constant input that passes a guard
+fired = relation("fired", Term, PyObject)     # a rule (its id) rewrote this value
 
 CTORS = (Term.n0, Term.n1, Term.n2, Term.n3, Term.n4, Term.n5, Term.n6)
 FOLDED = 1e-6   # a folded e-node's cost, relative to computing it per call
-# what the rules' callbacks made, kept for the process (egglog may answer a call it has seen
-# before without calling again): (op, info) -> the rule whose right side first made such an
-# e-node; repr(info) -> info, to read infos back from the serialised e-graph
-_MADE: dict = {}
+# the infos the rules' callbacks made, by repr, to read them back from the serialised e-graph;
+# kept for the process (egglog may answer a call it has seen before without calling again)
 _INFOS: dict = {}
 _FAIL = None   # what a rule's check returns when its types or guards do not hold
 
@@ -320,7 +319,6 @@ def _check(rule_id, *args):
         if env[rref] != want:
             return _FAIL
     for node, info in zip(rhs.nodes, plan):
-        _MADE.setdefault((node.op, info), p.rule_id)
         _INFOS.setdefault(repr(info), info)
     return tuple(plan)
 
@@ -387,6 +385,7 @@ def compile_rule(p: Pattern):
             actions.append(set_(ty(v)).to(PyObject(_value_type)(info, PyObject(j))))
     for lref, rref in zip(lhs.outputs, rhs.outputs):
         actions.append(union(lterm(lref)).with_(env[rref]))
+        actions.append(fired(lterm(lref), PyObject(p.rule_id)))
     return rule(*facts, name=p.rule_id).then(*actions)
 
 
@@ -519,12 +518,17 @@ class Saturation:
         nodes = json.loads(ser.to_json())["nodes"]
         classes: dict = {}
         self.canon = {}
+        self.fired: dict = {}    # e-class -> rule ids that rewrote it
 
         def lit(nid):
             return nodes[nid]["op"]
 
         for n in nodes.values():
             op, kids = n["op"], n["children"]
+            if op == "fired":
+                import ast
+                self.fired.setdefault(nodes[kids[0]]["eclass"], []).append(ast.literal_eval(lit(kids[1])))
+                continue
             if not op.startswith("Term."):
                 continue
             kind = op[5:]
@@ -658,39 +662,11 @@ class Extraction:
 
     def dag_cost(self, choice: dict, roots) -> float | None:
         """Cost of the classes a choice needs from the roots; None if it has a cycle."""
-        total, done, onstack = 0.0, set(), set()
+        order = _template(choice, roots)
+        return None if order is None else sum(self.own_cost(k, choice[k]) for k in order)
 
-        def visit(k):
-            nonlocal total
-            if k in done:
-                return True
-            if k in onstack:
-                return False
-            onstack.add(k)
-            en = choice[k]
-            for kid in en.kids:
-                if not visit(kid):
-                    return False
-            onstack.discard(k)
-            done.add(k)
-            total += self.own_cost(k, en)
-            return True
-
-        import sys
-        old = sys.getrecursionlimit()
-        sys.setrecursionlimit(max(old, 10000))
-        try:
-            return total if all(visit(r) for r in roots) else None
-        finally:
-            sys.setrecursionlimit(old)
-
-    def ilp(self, roots, seconds: float, hint: dict | None = None):
-        """Exact extraction as an integer program (Tensat's): a binary per e-node, each root
-        class and each chosen e-node's child classes covered, a topological order per class
-        to forbid cycles; minimise the summed e-node costs.  Returns (choice, status)."""
-        import highspy
-        import numpy as np
-        # classes reachable from the roots through allowed e-nodes
+    def reachable(self, roots) -> set:
+        """The classes the roots may need, through allowed e-nodes."""
         reach, stack = set(), list(roots)
         while stack:
             k = stack.pop()
@@ -699,7 +675,20 @@ class Extraction:
             reach.add(k)
             for en in self.allowed(k):
                 stack.extend(en.kids)
-        keys = sorted(reach, key=str)
+        return reach
+
+    def has_choice(self, roots) -> bool:
+        """Whether some class the roots need can be extracted in more than one way (if not,
+        the greedy extraction is the only one, and no integer program is needed)."""
+        return any(len(self.allowed(k)) > 1 for k in self.reachable(roots))
+
+    def ilp(self, roots, seconds: float):
+        """Exact extraction as an integer program (Tensat's): a binary per e-node, each root
+        class and each chosen e-node's child classes covered, a topological order per class
+        to forbid cycles; minimise the summed e-node costs.  Returns (choice, status)."""
+        import highspy
+        import numpy as np
+        keys = sorted(self.reachable(roots), key=str)
         cidx = {k: i for i, k in enumerate(keys)}
         enodes = [(k, en) for k in keys for en in self.allowed(k)]
         n_x, n_t = len(enodes), len(keys)
@@ -777,24 +766,29 @@ def _quiet_highs():
 # -- the engine ----------------------------------------------------------------------------------
 
 def _template(choice: dict, roots: list) -> list | None:
-    """The chosen e-nodes in dependency order (post-order from the roots)."""
-    order, done, onstack = [], set(), set()
-
-    def visit(k):
-        if k in done:
-            return True
-        if k in onstack:
-            return False
-        onstack.add(k)
-        for kid in choice[k].kids:
-            if not visit(kid):
-                return False
-        onstack.discard(k)
-        done.add(k)
-        order.append(k)
-        return True
-
-    return order if all(visit(r) for r in roots) else None
+    """The chosen e-nodes' classes in dependency order (post-order from the roots), each once;
+    None if the choice has a cycle."""
+    order, state = [], {}          # state: 1 on the path, 2 done
+    for root in roots:
+        if state.get(root) == 2:
+            continue
+        stack = [(root, iter(choice[root].kids))]
+        state[root] = 1
+        while stack:
+            k, kids = stack[-1]
+            for kid in kids:
+                st = state.get(kid)
+                if st == 1:
+                    return None
+                if st is None:
+                    state[kid] = 1
+                    stack.append((kid, iter(choice[kid].kids)))
+                    break
+            else:
+                stack.pop()
+                state[k] = 2
+                order.append(k)
+    return order
 
 
 def _instantiate(new: MGraph, choice: dict, order: list, leaves: list, moved: dict, block: Block, roots: list):
@@ -917,7 +911,7 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
                     original.setdefault(k, en)
     best, how = ex.greedy(roots), "greedy"
     best_cost = ex.dag_cost(best, roots)
-    if n_enodes <= limits.ilp_enodes and _has_choice(ex, roots):
+    if n_enodes <= limits.ilp_enodes and ex.has_choice(roots):
         choice, status = ex.ilp(roots, limits.ilp_seconds)
         if choice is not None and all(r in choice for r in roots):
             c = ex.dag_cost(choice, roots)
@@ -936,23 +930,8 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
     if order is None:
         return None
     stats.improved_blocks += 1
-    return best, order, roots, _rules_used({k: best[k] for k in order}, original, _MADE, ex.const)
-
-
-def _has_choice(ex: Extraction, roots) -> bool:
-    """Whether some class the roots need can be extracted in more than one way (if not, the
-    greedy extraction is the only one, and no integer program is needed)."""
-    seen, stack = set(), list(roots)
-    while stack:
-        k = stack.pop()
-        if k in seen:
-            continue
-        seen.add(k)
-        nodes = ex.allowed(k)
-        if len(nodes) > 1:
-            return True
-        stack.extend(kid for en in nodes for kid in en.kids)
-    return False
+    return best, order, roots, _rules_used({k: best[k] for k in order}, original, sat.fired,
+                                            {p.rule_id: p for p in sat.patterns}, ex.const)
 
 
 def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:
@@ -960,16 +939,23 @@ def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:
     return sum(cost.node(mg, nid) for nid in b.nodes if nid not in const)
 
 
-def _rules_used(choice: dict, original: dict, made: dict, const: set) -> Counter:
-    """The rules whose right sides first made the extracted e-nodes that the block did not have
-    (computed per call: the folded ones are counted as the constants they are)."""
+def _rules_used(choice: dict, original: dict, fired: dict, patterns: dict, const: set) -> Counter:
+    """Which rules the extraction used: per value computed per call whose e-node the block did
+    not have there, a rule that rewrote that value (egglog records it), preferring one whose
+    right side ends in the extracted op or is an input; folded constants are not counted."""
     out = Counter()
     for k, en in choice.items():
         if en.op in ("leaf", "out") or original.get(k) is en or k in const:
             continue
-        rid = made.get((en.op, en.info))
-        if rid:
-            out[rid] += 1
+        ids = [r for r in fired.get(k, ()) if r in patterns]
+        if not ids:
+            continue
+
+        def fits(rid):
+            p = patterns[rid]
+            return all(parse_ref(o)[1] is None or p.rhs.nodes[parse_ref(o)[0]].op == en.op for o in p.rhs.outputs)
+
+        out[next((r for r in sorted(ids) if fits(r)), sorted(ids)[0])] += 1
     return out
 
 

@@ -14,7 +14,7 @@ pipeline and the schedule do not change.
 * ``backtracking``: TASO's cost-guided search (:func:`graphopt.search.search`).
 * ``egraph``: equality saturation (Tensat's search) on egglog, then the cheapest DAG is
   extracted (:mod:`graphopt.egraph`).
-* ``hybrid`` (the default search): ``egraph``, then ``backtracking`` from its result.
+* ``hybrid``: ``egraph``, then ``backtracking`` from its result.
 """
 from __future__ import annotations
 

@@ -16,9 +16,9 @@ class Options:
     schedule: tuple | None = None               # phases (see graphopt.schedule); default DEFAULT_SCHEDULE
     cost_model: str = "roofline"
     device: str | None = None                   # cost-model device; default: where the inputs live
-    # engine of the search phases: "hybrid" (equality saturation, then TASO's backtracking from
-    # its graph), "egraph" or "backtracking"; see graphopt.engines and BENCHMARKS.md
-    search: str = "hybrid"
+    # engine of the search phases: "backtracking" (TASO's), "egraph" (equality saturation) or
+    # "hybrid" (egraph, then backtracking from its graph); see graphopt.engines, BENCHMARKS.md
+    search: str = "backtracking"
     alpha: float = 1.05
     budget: int = 100
     time_limit: float = 10.0
