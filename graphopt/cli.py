@@ -519,9 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--capture", choices=["dynamo", "export"],
                     help="graph capture (default: dynamo; export with -o PATH.pt2)")
     op.add_argument("--cost-model", choices=["roofline", "measured"], default="roofline")
-    op.add_argument("--search", choices=["backtracking", "egraph", "hybrid"], default="backtracking",
-                    help="search engine: backtracking (TASO's, default), egraph (equality saturation on egglog, "
-                         "finds the LoRA merge), or hybrid: egraph, then backtracking from its graph")
+    op.add_argument("--search", choices=["egraph", "backtracking", "hybrid"], default="egraph",
+                    help="search engine: egraph (equality saturation on egglog, default; finds the LoRA merge), "
+                         "backtracking (TASO's), or hybrid: egraph, then backtracking from its graph")
     op.add_argument("--alpha", type=float, default=1.05, help="search relaxation (>= 1.0, backtracking)")
     op.add_argument("--budget", type=int, default=100, help="most graphs the search expands")
     op.add_argument("--time-limit", type=float, default=10.0, help="search seconds per graph")

@@ -37,7 +37,8 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from egglog import (EGraph, Expr, PyObject, StringLike, eq, function, i64Like, ne, relation, rule, ruleset, set_, union, var)
+from egglog import (EGraph, Expr, PyObject, String, StringLike, eq, function, i64, i64Like, ne, relation, rule, ruleset,
+                    set_, union, var)
 from egglog import back_off, run as egg_run
 
 from .dims import Dim
@@ -91,6 +92,7 @@ def ty(t: Term) -> PyObject:
 
 passes = relation("passes", Term, PyObject)   # a constant input that passes a guard
 fired = relation("fired", Term, PyObject)     # a rule (its id) rewrote this value
+folded = relation("folded", Term)             # computed from constants only (folded when optimised)
 
 CTORS = (Term.n0, Term.n1, Term.n2, Term.n3, Term.n4, Term.n5, Term.n6)
 FOLDED = 1e-6   # a folded e-node's cost, relative to computing it per call
@@ -113,14 +115,23 @@ class Limits:
     # generated library has thousands of identities through neg, exp, concat, split, ...; as
     # rules in an e-graph they make it grow by orders of magnitude per iteration (measured: a
     # 6-op LoRA block reached 52,622 e-nodes in four iterations with concat and split allowed,
-    # 23 without).  The projection merge needs {"concat", "split"}; the hybrid engine's
-    # backtracking phase finds it instead.
+    # 23 without).  One kind of rule is the exception: a multi-output rule whose left side
+    # only has ops of the block and whose right side computes them with fewer of those ops (a
+    # merge, such as the projection merge x@W1, x@W2 -> split(x @ concat(W1, W2))) may bring
+    # what it needs: there are few of them and they only match where two ops share inputs.
     bring_ops: frozenset = frozenset()
+    merges: bool = True
+    # Rules whose right side has more ops than their left (x -> -(-x)^T^T, the reverse of a
+    # simplification) are what makes an e-graph grow without end; by default only rules that
+    # keep or lower the op count run (associativity, distributivity, moving a scale), and the
+    # merges above.  Measured on a 33-op Llama attention block: 3,841 e-nodes and 17 s in six
+    # iterations with them, ... without.
+    growing: bool = False
     match_limit: int = 200     # egg's back-off scheduler: a rule matching more often sits out
     enodes: int = 5000
     seconds: float = 10.0
-    ilp_enodes: int = 600      # solve the exact extraction when the e-graph has at most this many e-nodes
-    ilp_seconds: float = 1.0
+    ilp_enodes: int = 3000     # solve the exact extraction when the e-graph has at most this many e-nodes
+    ilp_seconds: float = 2.0
 
 
 @dataclass
@@ -135,6 +146,18 @@ class EGraphStats:
     extraction: Counter = field(default_factory=Counter)  # "ilp (optimal)", "greedy", ...
     improved_blocks: int = 0
     seconds: Counter = field(default_factory=Counter)   # saturate / read / extract
+
+    def absorb(self, other: "EGraphStats") -> None:
+        """Add a stage's figures (block counts of the first stage; maxima; sums)."""
+        self.blocks = self.blocks or other.blocks
+        self.distinct_blocks = self.distinct_blocks or other.distinct_blocks
+        self.enodes, self.eclasses = max(self.enodes, other.enodes), max(self.eclasses, other.eclasses)
+        self.iterations = max(self.iterations, other.iterations)
+        self.rules = max(self.rules, other.rules)
+        self.improved_blocks += other.improved_blocks
+        for mine, theirs in ((self.stopped, other.stopped), (self.extraction, other.extraction),
+                             (self.seconds, other.seconds)):
+            mine.update(theirs)
 
     def to_json(self) -> dict:
         return {"blocks": self.blocks, "distinct_blocks": self.distinct_blocks, "max_enodes": self.enodes,
@@ -157,29 +180,43 @@ class Block:
     nodes: list                 # node ids, topological order
     leaves: list = field(default_factory=list)   # values read from outside, in order of first use
     outs: list = field(default_factory=list)     # values used outside (later nodes, graph outputs)
+    # (out index, leaf index): that out must not be computed from that leaf, which an opaque
+    # node inside the block's span computes from it (a wall: silu between gate and down)
+    forbid: list = field(default_factory=list)
 
 
 def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
     """Split the rewritable nodes into blocks at the values where the fewest tensors cross.
 
-    Walks the topological order and counts, after each node, the values computed so far
-    (not graph inputs) that later nodes or the graph's outputs still read.  Where that count
-    is as small as anywhere in the middle half of the graph (the residual stream of a
-    transformer, plus what every layer reads, such as a mask), a block may end; a block
-    also ends at a node that is never rewritten (an opaque call).  Blocks shorter than
-    ``min_nodes`` run on into the next one.
+    Walks the topological order of the nodes computed per call (not those computed from
+    constants only, which are folded) and counts, after each node, the values computed so far
+    that later nodes or the graph's outputs still read.  Where that count is as small as
+    anywhere in the middle half of the graph (the residual stream of a transformer), a block
+    may end.  Blocks shorter than ``min_nodes`` run on into the next one.  A node computed
+    from constants only (a weight's transpose) goes into the block that reads it, when one
+    block does; otherwise blocks read it as a leaf.
+
+    A node the e-graph cannot rewrite (an opaque call such as silu, a node other nodes are
+    ordered after) does not end a block: it is a wall inside it, kept as it is; its inputs are
+    outputs of the block and its outputs are leaves, and :attr:`Block.forbid` keeps the
+    extraction from computing the first from the second.  So the gate and up projections on either side
+    of a silu are in one block, and can be merged.
     """
-    order = mg.topo_order()
+    full = mg.topo_order()
+    const = mg.const_nodes()
     ordered = {a for nid in mg._ordered if nid in mg.nodes for a in mg.nodes[nid].after}
+    order = [nid for nid in full if nid not in const]
     pos = {nid: i for i, nid in enumerate(order)}
+    end = len(order)
     last_use: dict = {}
     for nid in order:
         for v in mg.nodes[nid].inputs:
-            last_use[v] = max(last_use.get(v, -1), pos[nid])
-    end = len(order)
+            if v[0] in pos:
+                last_use[v] = max(last_use.get(v, -1), pos[nid])
     for v in mg.outputs:
-        last_use[v] = end
-    # crossing[i]: live computed values after position i
+        if v[0] in pos:
+            last_use[v] = end
+    # crossing[i]: live values computed per call after position i
     starts, ends = [0] * (end + 1), [0] * (end + 1)
     for v, last in last_use.items():
         if mg.nodes[v[0]].op == INPUT:
@@ -199,9 +236,6 @@ def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
     blocks, cur = [], []
     for i, nid in enumerate(order):
         if _barrier(mg, nid, ordered):
-            if cur:
-                blocks.append(cur)
-                cur = []
             continue
         cur.append(nid)
         if crossing[i] <= floor and len(cur) >= min_nodes:
@@ -209,8 +243,25 @@ def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
             cur = []
     if cur:
         blocks.append(cur)
+    block_of = {nid: k for k, nodes in enumerate(blocks) for nid in nodes}
+    # constant-only nodes: the blocks that read them, directly or through other such nodes
+    readers: dict = {}
+    for nid in reversed(full):
+        if nid not in const or mg.nodes[nid].op == INPUT or _barrier(mg, nid, ordered):
+            continue
+        ks = set()
+        for j in range(len(mg.nodes[nid].outs)):
+            for c, _ in mg.consumers.get((nid, j), ()):
+                ks |= readers.get(c, set()) if c in const else ({block_of[c]} if c in block_of else {None})
+        if (nid, 0) in mg.outputs:
+            ks.add(None)
+        readers[nid] = ks
+        if len(ks) == 1 and None not in ks:
+            blocks[next(iter(ks))].append(nid)
+    full_pos = {nid: i for i, nid in enumerate(full)}
     out = []
     for nodes in blocks:
+        nodes = sorted(nodes, key=full_pos.__getitem__)
         inside = set(nodes)
         b = Block(nodes)
         seen = set()
@@ -225,8 +276,35 @@ def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
                 v = (nid, j)
                 if v in graph_outs or any(c not in inside for c, _ in mg.consumers.get(v, ())):
                     b.outs.append(v)
+        b.forbid = _walls(mg, b, full_pos)
         out.append(b)
     return out
+
+
+def _walls(mg: MGraph, b: Block, full_pos: dict) -> list:
+    """(out index, leaf index) where the leaf is computed, outside the block, from the out."""
+    first = min(full_pos[nid] for nid in b.nodes)
+    last = max(full_pos[nid] for nid in b.nodes)
+    leaf_idx = {v: i for i, v in enumerate(b.leaves)}
+    inner = {v[0] for v in b.leaves if first < full_pos[v[0]] < last}
+    pairs = set()
+    if not inner:
+        return []
+    users: dict = {}         # data and ordering edges within the block's span
+    for nid, p in full_pos.items():
+        if first < p < last:
+            for d in mg.deps(nid):
+                users.setdefault(d, set()).add(nid)
+    for i, o in enumerate(b.outs):
+        seen, stack = set(), [o[0]]
+        while stack:
+            for c in users.get(stack.pop(), ()):
+                if c not in seen:
+                    seen.add(c)
+                    stack.append(c)
+        for nid in seen & inner:
+            pairs.update((i, leaf_idx[(nid, j)]) for j in range(len(mg.nodes[nid].outs)) if (nid, j) in leaf_idx)
+    return sorted(pairs)
 
 
 def _leaf_kind(mg: MGraph, v) -> tuple:
@@ -245,6 +323,7 @@ def block_signature(mg: MGraph, b: Block) -> tuple:
         ins = tuple(("l", leaf_idx[v]) if v in leaf_idx else ("n", node_idx[v[0]], v[1]) for v in n.inputs)
         parts.append((n.op, n.attrs, n.outs, ins))
     parts.append(tuple((node_idx[v[0]], v[1]) for v in b.outs))
+    parts.append(tuple(b.forbid))
     return tuple(parts)
 
 
@@ -270,7 +349,20 @@ def _check(rule_id, *args):
     """The Python side of a rule's query: unify sizes, check dtypes, type the right side.
 
     Called with the rule's id, the matched input types (in ``lhs.inputs`` order) and each
-    left node's info; returns the right side's node infos, or ``_FAIL``."""
+    left node's info; returns the right side's node infos, or ``_FAIL``.  The answer depends
+    on these arguments only: a match of the same rule on the same types is answered once."""
+    key = (rule_id, args)
+    hit = _CHECKED.get(key, _MISS)
+    if hit is _MISS:
+        hit = _CHECKED[key] = _check_types(rule_id, *args)
+    return hit
+
+
+_CHECKED: dict = {}
+_MISS = object()
+
+
+def _check_types(rule_id, *args):
     p = _PATTERNS[rule_id]
     lhs, rhs = p.lhs, p.rhs
     in_pos = {i.name: k for k, i in enumerate(lhs.inputs)}
@@ -342,6 +434,31 @@ def _connected(g) -> bool:
     return len({find(k) for k in range(len(g.nodes))}) <= 1
 
 
+def _is_merge(p: Pattern) -> bool:
+    """A multi-output rule whose right side computes the left side's ops with fewer of them: it
+    merges two computations into one (x@W1, x@W2 -> split(x @ concat(W1, W2)))."""
+    if len(p.lhs.outputs) < 2:
+        return False
+    lhs = Counter(n.op for n in p.lhs.nodes)
+    return sum(1 for n in p.rhs.nodes if n.op in lhs) < sum(lhs.values())
+
+
+def _merges(p: Pattern, present: set) -> bool:
+    """A merge whose left side only has ops in ``present`` (see :attr:`Limits.bring_ops`)."""
+    return _is_merge(p) and {n.op for n in p.lhs.nodes} <= present
+
+
+def _folded_inputs(p: Pattern) -> set:
+    """The left-side inputs a merge may only combine when they are constants: those read by a
+    right-side node of an op the left side does not have (the concat of W1 and W2), so that
+    what a merge brings in is folded, and two activations are never copied into one."""
+    if not _is_merge(p):
+        return set()
+    ops = {n.op for n in p.lhs.nodes}
+    names = {i.name for i in p.lhs.inputs}
+    return {r for n in p.rhs.nodes if n.op not in ops and all(r in names for r in n.inputs) for r in n.inputs}
+
+
 def compile_rule(p: Pattern):
     """One egglog rule for one direction of a rule, or None when it cannot be one (an
     output that is a bare input, an op wider than the terms allow)."""
@@ -370,6 +487,11 @@ def compile_rule(p: Pattern):
         facts.append(eq(tys[k]).to(ty(ins[i.name])))
         if i.guard:
             facts.append(passes(ins[i.name], PyObject(i.guard)))
+    for name in sorted(_folded_inputs(p)):
+        facts.append(folded(ins[name]))
+    if _is_merge(p):     # two different values: x@W merged with itself only grows the e-graph
+        outs = [lterm(r) for r in lhs.outputs]
+        facts.extend(ne(a).to(b) for i, a in enumerate(outs) for b in outs[i + 1:])
     plan = var("plan", PyObject)
     _PATTERNS[p.rule_id] = p
     facts.append(eq(plan).to(PyObject(_check)(PyObject(p.rule_id), *tys, *infos)))
@@ -392,10 +514,27 @@ def compile_rule(p: Pattern):
 _RULES: dict = {}   # rule id -> compiled egglog rule (None: not expressible)
 
 
+def _folding_rules() -> list:
+    """A value is folded when every input of its e-node is (an e-node without inputs is)."""
+    out = []
+    for arity, ctor in enumerate(CTORS):
+        kids = [var(f"k{i}", Term) for i in range(arity)]
+        t = ctor(var("op", String), var("info", PyObject), *kids)
+        out.append(rule(eq(var("t", Term)).to(t), *[folded(k) for k in kids], name=f"folded{arity}")
+                   .then(folded(var("t", Term))))
+    node = var("node", Term)
+    out.append(rule(eq(var("t", Term)).to(Term.out(node, var("j", i64))), folded(node), name="folded-out")
+               .then(folded(var("t", Term))))
+    return out
+
+
 def _egg_rule(p: Pattern):
     if p.rule_id not in _RULES:
         _RULES[p.rule_id] = compile_rule(p)
     return _RULES[p.rule_id]
+
+
+_FOLDING = _folding_rules()
 
 
 # -- saturating one block ---------------------------------------------------------------------
@@ -415,9 +554,12 @@ class Saturation:
         self.eg = EGraph()
         self.next_ref = 0
         self.value_ref: dict = {}    # block value -> ref number
-        allowed = {mg.nodes[nid].op for nid in block.nodes} | set(limits.bring_ops)
+        present = {mg.nodes[nid].op for nid in block.nodes}
+        allowed = present | set(limits.bring_ops)
         self.patterns = [p for p in patterns if len(p.lhs.nodes) + len(p.rhs.nodes) <= limits.rule_ops
-                         and all(n.op in allowed for n in (*p.lhs.nodes, *p.rhs.nodes))]
+                         and (all(n.op in allowed for n in (*p.lhs.nodes, *p.rhs.nodes))
+                              and (limits.growing or len(p.rhs.nodes) <= len(p.lhs.nodes))
+                              or limits.merges and _merges(p, present))]
         self.added: set = set()        # rule ids of the patterns given to egglog
         self.skipped: set = set()      # patterns that cannot be egglog rules
         self.stopped = "saturated"
@@ -433,10 +575,13 @@ class Saturation:
         cmds = []
         term_of = {}
         guards = {i.guard for p in self.patterns for i in p.lhs.inputs if i.guard}
+        const = mg.const_nodes()
         for i, v in enumerate(b.leaves):
             t = Term.leaf(i)
             term_of[v] = t
             cmds.append(set_(ty(t)).to(PyObject(mg.type_of(v))))
+            if v[0] in const:
+                cmds.append(folded(t))
             for g in sorted(guards):
                 if mg.passes_guard(v, g):
                     cmds.append(passes(t, PyObject(g)))
@@ -474,7 +619,7 @@ class Saturation:
             new = [p for p in new if p.rule_id not in self.skipped]
             if new:
                 self.added.update(p.rule_id for p in new)
-                rs = ruleset(*[_egg_rule(p) for p in self.patterns if p.rule_id in self.added])
+                rs = ruleset(*_FOLDING, *[_egg_rule(p) for p in self.patterns if p.rule_id in self.added])
             if rs is None:
                 self.stopped = "no rule applies"
                 return
@@ -812,6 +957,12 @@ def _instantiate(new: MGraph, choice: dict, order: list, leaves: list, moved: di
 def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None = None) -> SearchResult:
     """Equality saturation over the phase's patterns, block by block; see the module doc.
 
+    Two stages: the rules that are not merges, then (on the graph extracted from the first)
+    the merges alone.  A merge matches every pair of ops that share an input, so in one
+    e-graph with the rest it mostly merges values the extraction will not keep (x@W with the
+    x@A of a LoRA adapter, and then with the folded x@(W + s*A@B), ...): the e-graph of a
+    LoRA-adapted MLP reached 5,600 e-nodes without merging the two projections it keeps.
+
     Args:
         mg: the graph (not modified).
         patterns: both directions of the rules (:func:`graphopt.search.compile_patterns`).
@@ -827,10 +978,35 @@ def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None 
     cost = GraphCost(cost_model)
     c0 = cost(mg)
     stats = EGraphStats()
-    blocks = cut_blocks(mg)
-    stats.blocks = len(blocks)
     deadline = start + limits.seconds
-    results: dict = {}   # signature -> (template leaves->..., applied) or None
+    merges = [p for p in patterns if _is_merge(p)] if limits.merges else []
+    stages = [[p for p in patterns if not _is_merge(p)], merges]
+    g, applied, stopped = mg, Counter(), "no block"
+    for k, stage in enumerate(stages):
+        if not stage:
+            continue
+        # the first stage leaves a quarter of the time to the second, if there is one
+        end = deadline if k == len(stages) - 1 or not stages[-1] else start + 0.75 * limits.seconds
+        new, used, why = _saturate_blocks(g, stage, cost, limits, end, stats)
+        stopped = why if k == 0 or stopped == "no block" else f"{stopped}; merges: {why}"
+        if new is not None and cost(new) < cost(g):
+            g = new
+            applied.update(used)
+    seconds = time.monotonic() - start
+    info = {"engine": "egraph", **stats.to_json()}
+    if g is mg:
+        return SearchResult(mg, c0, c0, Counter(), seconds=seconds, stopped_by=stopped, stats=info)
+    return SearchResult(g, cost(g), c0, applied, expanded=stats.iterations, candidates=stats.enodes,
+                        seconds=seconds, stopped_by=stopped, stats=info)
+
+
+def _saturate_blocks(mg: MGraph, patterns, cost: GraphCost, limits: Limits, deadline: float, stats: EGraphStats):
+    """One stage: cut ``mg`` into blocks, saturate and extract each distinct one, put the
+    extracted blocks together.  Returns (graph or None, rules used, stopping reasons)."""
+    local = EGraphStats()
+    blocks = cut_blocks(mg)
+    local.blocks = len(blocks)
+    results: dict = {}   # signature -> (choice, order, roots, rules) or None
     new = mg.copy()
     moved: dict = {}
     applied = Counter()
@@ -842,7 +1018,7 @@ def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None 
             # each distinct block its share of the time that is left
             share = max(0.0, deadline - time.monotonic()) / max(1, todo)
             todo -= 1
-            results[sig] = _solve_block(mg, b, patterns, cost, limits, time.monotonic() + share, stats)
+            results[sig] = _solve_block(mg, b, patterns, cost, limits, time.monotonic() + share, local)
         res = results[sig]
         if res is None:
             continue
@@ -855,24 +1031,17 @@ def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None 
                 moved[old] = nv
         applied.update(rules)
         changed = True
-    stats.distinct_blocks = len(results)
+    local.distinct_blocks = len(results)
+    stats.absorb(local)
+    why = _stopped(local)
     if not changed:
-        return SearchResult(mg, c0, c0, Counter(), seconds=time.monotonic() - start,
-                            stopped_by=_stopped(stats), stats={"engine": "egraph", **stats.to_json()})
+        return None, applied, why
     new.remove_dead()
     try:
         new.topo_order()
     except GraphoptError:
-        return SearchResult(mg, c0, c0, Counter(), seconds=time.monotonic() - start,
-                            stopped_by="cycle in the extracted graph (kept the input)",
-                            stats={"engine": "egraph", **stats.to_json()})
-    c1 = cost(new)
-    if c1 >= c0:
-        return SearchResult(mg, c0, c0, Counter(), seconds=time.monotonic() - start, stopped_by=_stopped(stats),
-                            stats={"engine": "egraph", **stats.to_json()})
-    return SearchResult(new, c1, c0, applied, expanded=stats.iterations, candidates=stats.enodes,
-                        seconds=time.monotonic() - start, stopped_by=_stopped(stats),
-                        stats={"engine": "egraph", **stats.to_json()})
+        return None, Counter(), "cycle in the extracted graph (kept the input)"
+    return new, applied, why
 
 
 def _stopped(stats: EGraphStats) -> str:
@@ -927,11 +1096,25 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
     if best_cost is None or best_cost >= base - 1e-12 * max(1.0, base):
         return None
     order = _template(best, roots)
-    if order is None:
+    if order is None or not _respects_walls(best, order, roots, b.forbid):
         return None
     stats.improved_blocks += 1
     return best, order, roots, _rules_used({k: best[k] for k in order}, original, sat.fired,
                                             {p.rule_id: p for p in sat.patterns}, ex.const)
+
+
+def _respects_walls(choice: dict, order: list, roots: list, forbid: list) -> bool:
+    """Whether no out is computed from a leaf that an opaque node computes from that out."""
+    if not forbid:
+        return True
+    leaves: dict = {}
+    for k in order:           # post-order: kids first
+        en = choice[k]
+        acc = {en.info} if en.op == "leaf" else set()
+        for kid in en.kids:
+            acc |= leaves[kid]
+        leaves[k] = acc
+    return all(leaf not in leaves[roots[i]] for i, leaf in forbid)
 
 
 def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:
@@ -942,10 +1125,11 @@ def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:
 def _rules_used(choice: dict, original: dict, fired: dict, patterns: dict, const: set) -> Counter:
     """Which rules the extraction used: per value computed per call whose e-node the block did
     not have there, a rule that rewrote that value (egglog records it), preferring one whose
-    right side ends in the extracted op or is an input; folded constants are not counted."""
+    right side ends in the extracted op or is an input; folded constants are not counted.  A
+    value of a multi-output node counts (the q, k and v read from one merged projection)."""
     out = Counter()
     for k, en in choice.items():
-        if en.op in ("leaf", "out") or original.get(k) is en or k in const:
+        if en.op == "leaf" or original.get(k) is en or k in const:
             continue
         ids = [r for r in fired.get(k, ()) if r in patterns]
         if not ids:
@@ -953,7 +1137,14 @@ def _rules_used(choice: dict, original: dict, fired: dict, patterns: dict, const
 
         def fits(rid):
             p = patterns[rid]
-            return all(parse_ref(o)[1] is None or p.rhs.nodes[parse_ref(o)[0]].op == en.op for o in p.rhs.outputs)
+            for o in p.rhs.outputs:
+                key, j = parse_ref(o)
+                if j is None:
+                    continue
+                node = p.rhs.nodes[key]
+                if (len(node.outs) > 1) != (en.op == "out") or (en.op != "out" and node.op != en.op):
+                    return False
+            return True
 
         out[next((r for r in sorted(ids) if fits(r)), sorted(ids)[0])] += 1
     return out

@@ -16,9 +16,10 @@ class Options:
     schedule: tuple | None = None               # phases (see graphopt.schedule); default DEFAULT_SCHEDULE
     cost_model: str = "roofline"
     device: str | None = None                   # cost-model device; default: where the inputs live
-    # engine of the search phases: "backtracking" (TASO's), "egraph" (equality saturation) or
-    # "hybrid" (egraph, then backtracking from its graph); see graphopt.engines, BENCHMARKS.md
-    search: str = "backtracking"
+    # engine of the search phases: "egraph" (equality saturation, the default: never a costlier
+    # graph than TASO's search in benchmarks/bench_search.py, and 3-20x faster), "backtracking"
+    # (TASO's) or "hybrid" (egraph, then backtracking); see graphopt.engines, BENCHMARKS.md
+    search: str = "egraph"
     alpha: float = 1.05
     budget: int = 100
     time_limit: float = 10.0

@@ -105,23 +105,31 @@ rule add-zeros:
     assert res.graph.nodes[kept.inputs[1][0]].name == "O"
 
 
-def test_projection_merge_is_a_multi_pattern():
-    lib = load_rules()
-    merge = [r for r in lib.rules if r.id == "r62ab1e52c1"]
-    assert merge, "the projection merge rule of the shipped library"
+def _two_projections(const: bool):
     g = Graph()
     x = g.add_external("x", (256, 64), "float32")
     torch.manual_seed(0)
-    w1 = g.add_external("W1", (64, 64), "float32", value=torch.randn(64, 64))
-    w2 = g.add_external("W2", (64, 64), "float32", value=torch.randn(64, 64))
-    g.outputs = [g.add("relu", g.add("matmul", x, w1)), g.add("relu", g.add("matmul", x, w2))]
-    mg = MGraph.from_graph(g)[0]
+    ws = [g.add_external(f"W{i}", (64, 64), "float32", value=torch.randn(64, 64) if const else None)
+          for i in (1, 2)]
+    g.outputs = [g.add("relu", g.add("matmul", x, w)) for w in ws]
+    return MGraph.from_graph(g)[0]
+
+
+def test_projection_merge_is_a_multi_pattern():
+    """x@W1, x@W2 -> split(x @ concat(W1, W2)): a rule with two outputs, brought into a block
+    without concat or split because it merges, and only where the concat is folded."""
+    lib = load_rules()
+    merge = [r for r in lib.rules if r.id == "r62ab1e52c1"]
+    assert merge, "the projection merge rule of the shipped library"
     pats = compile_patterns(merge)
-    plain = egraph_search(mg, pats, COST, Options())      # concat/split not in the block: not admitted
-    assert _runtime_ops(plain.graph, "matmul") == 2
-    res = egraph_search(mg, pats, COST, Options(), Limits(bring_ops=frozenset({"concat", "split"})))
+    res = egraph_search(_two_projections(const=True), pats, COST, Options())
     assert _runtime_ops(res.graph, "matmul") == 1 and _runtime_ops(res.graph, "split") == 1
     assert res.applied
+    # two activations are not copied into one to save a GEMM call
+    res = egraph_search(_two_projections(const=False), pats, COST, Options())
+    assert _runtime_ops(res.graph, "matmul") == 2 and not res.applied
+    off = egraph_search(_two_projections(const=True), pats, COST, Options(), Limits(merges=False))
+    assert _runtime_ops(off.graph, "matmul") == 2
 
 
 def _cyclic_classes():

@@ -44,23 +44,28 @@ def test_llama_projections_are_merged():
     merges = {k: v for k, v in rep.to_json()["rewrites"].items() if "concat" in v}
     assert merges, rep.to_json()["rewrites"]
     # 2 layers x (q,k,v: 2 merges + gate,up: 1 merge) at least
-    assert sum(rep.applied[k] for k in merges) >= 6
-    assert sum(g.folded for g in rep.graphs) >= 6
+    assert sum(rep.applied[k] for k in merges) >= 6, (dict(rep.applied), rep.to_json()["phases"]["search"])
+    assert sum(g.folded for g in rep.graphs) >= 6, (dict(rep.applied), rep.to_json()["phases"]["search"])
 
 
-def test_scale_moves_to_the_smaller_operand():
+@pytest.mark.parametrize("search", ["backtracking", "egraph"])
+def test_scale_moves_to_the_smaller_operand(search):
     """(q @ k^T) / sqrt(d) -> (q * (1/sqrt(d))) @ k^T: the canonical form of the division,
-    then a generated rule moves the scale onto the smaller operand.  (In GPT-2 the attention
-    ruleset fuses this into SDPA first, scale and all.)"""
+    then a generated rule moves the scale onto an operand, smaller than the product.  (In
+    GPT-2 the attention ruleset fuses this into SDPA first, scale and all.)  The e-graph may
+    reach it through a form between the two: it names the rule of the last step."""
     class Scores(torch.nn.Module):
         def forward(self, q, k):
             return (q @ k.transpose(-1, -2)) / 8.0
 
     q, k = torch.randn(2, 64, 16), torch.randn(2, 64, 16)
-    rep = graphopt.optimize(Scores(), (q, k)).report
-    text = " ".join(rep.to_json()["rewrites"].values())
-    assert "sdiv(X, s)  ->  smul(X, recip(s))" in text
-    assert "smul(matmul(" in text, text
+    rep = graphopt.optimize(Scores(), (q, k), search=search).report
+    rewrites = rep.to_json()["rewrites"].values()
+    assert "sdiv(X, s)  ->  smul(X, recip(s))" in rewrites
+    moved = [t for t in rewrites if "matmul(" in t and "smul(" in t.split("->")[1]]
+    assert moved, list(rewrites)
+    if search == "backtracking":
+        assert any(t.startswith("smul(matmul(") for t in moved), moved
     assert rep.cost_after < rep.cost_before
 
 
