@@ -132,6 +132,45 @@ def test_projection_merge_is_a_multi_pattern():
     assert _runtime_ops(off.graph, "matmul") == 2
 
 
+def _gated_mlp():
+    """h@Wg -> silu (opaque) -> * h@Wu -> @Wd: the gate and up projections on either side
+    of a call the e-graph cannot rewrite."""
+    g = Graph()
+    h = g.add_external("h", (128, 64), "float32")
+    torch.manual_seed(0)
+    wg, wu, wd = (g.add_external(n, shape, "float32", value=torch.randn(*shape))
+                  for n, shape in (("Wg", (64, 96)), ("Wu", (64, 96)), ("Wd", (96, 64))))
+    gate = g.add("matmul", h, wg)
+    act = g.add_opaque(object(), [gate], [((128, 96), "float32")])
+    g.outputs = [g.add("matmul", g.add("bmul", act, g.add("matmul", h, wu)), wd)]
+    return MGraph.from_graph(g)[0]
+
+
+def test_an_opaque_call_is_a_wall_inside_a_block():
+    mg = _gated_mlp()
+    blocks = cut_blocks(mg)
+    assert len(blocks) == 1, [b.nodes for b in blocks]
+    (b,) = blocks
+    assert sum(mg.nodes[nid].op == "matmul" for nid in b.nodes) == 3
+    gate_out = next(i for i, v in enumerate(b.outs) if mg.nodes[v[0]].op == "matmul")
+    act_leaf = next(i for i, v in enumerate(b.leaves) if mg.nodes[v[0]].op == "opaque")
+    assert (gate_out, act_leaf) in b.forbid      # the gate must not be computed from silu(gate)
+    merge = [r for r in load_rules().rules if r.id == "r62ab1e52c1"]
+    res = egraph_search(mg, compile_patterns(merge), COST, Options())
+    assert _runtime_ops(res.graph, "matmul") == 2 and res.applied   # gate and up merged, then down
+    res.graph.topo_order()
+
+
+def test_extraction_respects_walls():
+    """An out may not be extracted as a term that reads the opaque result computed from it."""
+    from graphopt.egraph import _respects_walls
+    info = ((), (((4, 4), "float32"),))
+    choice = {"L": ENode("leaf", 1, ()), "X": ENode("leaf", 0, ()), "R": ENode("relu", info, ("L",)),
+              "S": ENode("relu", info, ("X",))}
+    assert not _respects_walls(choice, ["L", "R"], ["R"], [(0, 1)])
+    assert _respects_walls(choice, ["X", "S"], ["S"], [(0, 1)])
+
+
 def _cyclic_classes():
     g = Graph()
     g.add_external("x", (4, 4), "float32")
