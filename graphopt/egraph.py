@@ -443,12 +443,14 @@ def _connected(g) -> bool:
 
 
 def _is_merge(p: Pattern) -> bool:
-    """A multi-output rule whose right side computes the left side's ops with fewer of them: it
-    merges two computations into one (x@W1, x@W2 -> split(x @ concat(W1, W2)))."""
+    """A multi-output rule whose right side computes the left side's ops with fewer of them,
+    with ops the left side does not have to combine and part the operands: it merges two
+    computations into one (x@W1, x@W2 -> split(x @ concat(W1, W2)); not its reverse)."""
     if len(p.lhs.outputs) < 2:
         return False
     lhs = Counter(n.op for n in p.lhs.nodes)
-    return sum(1 for n in p.rhs.nodes if n.op in lhs) < sum(lhs.values())
+    return (sum(1 for n in p.rhs.nodes if n.op in lhs) < sum(lhs.values())
+            and any(n.op not in lhs for n in p.rhs.nodes))
 
 
 def _merges(p: Pattern, present: set) -> bool:
