@@ -2,9 +2,17 @@
 ``torch.compile`` backend, ``graphopt.optimize_onnx`` and the CLI)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import GraphoptError
+
+
+# the search engine of Options() when none is given (the test suite's --search sets it)
+DEFAULT_SEARCH = "egraph"
+
+
+def _default_search() -> str:
+    return DEFAULT_SEARCH
 
 
 @dataclass
@@ -19,7 +27,7 @@ class Options:
     # engine of the search phases: "egraph" (equality saturation, the default: never a costlier
     # graph than TASO's search in benchmarks/bench_search.py, and 3-20x faster), "backtracking"
     # (TASO's) or "hybrid" (egraph, then backtracking); see graphopt.engines, BENCHMARKS.md
-    search: str = "egraph"
+    search: str = field(default_factory=_default_search)
     alpha: float = 1.05
     budget: int = 100
     time_limit: float = 10.0

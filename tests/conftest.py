@@ -16,6 +16,19 @@ if os.environ.get("PYTEST_XDIST_WORKER"):   # pytest -n 2 on two cores: one torc
     torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--search", default=None, choices=("egraph", "backtracking", "hybrid"),
+                     help="the search engine of the suite's in-process optimisations (default: graphopt's); "
+                          "CLI subprocesses keep theirs")
+
+
+def pytest_configure(config):
+    engine = config.getoption("--search")
+    if engine:
+        import graphopt.options
+        graphopt.options.DEFAULT_SEARCH = engine
+
+
 @pytest.fixture(scope="session")
 def default_library():
     """The shipped library, substitutions/default.json."""
