@@ -1088,25 +1088,32 @@ def _solve_block(mg, b: Block, patterns, cost: GraphCost, limits: Limits, deadli
             for en in classes[k]:
                 if en.op == n.op and en.info == (n.attrs, n.outs):
                     original.setdefault(k, en)
+
+    def usable(choice):
+        """The choice's classes in dependency order, or None (a cycle, or through a wall)."""
+        order = _template(choice, roots)
+        return order if order is not None and _respects_walls(choice, order, roots, b.forbid) else None
+
     best, how = ex.greedy(roots), "greedy"
     best_cost = ex.dag_cost(best, roots)
+    order = usable(best) if best_cost is not None else None
+    if order is None:
+        best_cost = None
     if n_enodes <= limits.ilp_enodes and ex.has_choice(roots):
         choice, status = ex.ilp(roots, limits.ilp_seconds)
         if choice is not None and all(r in choice for r in roots):
             c = ex.dag_cost(choice, roots)
-            if c is not None and (best_cost is None or c < best_cost - 1e-12):
-                best, best_cost = choice, c
+            o = usable(choice) if c is not None else None
+            if o is not None and (best_cost is None or c < best_cost - 1e-12):
+                best, best_cost, order = choice, c, o
                 how = "ilp"
-            elif c is not None:
+            elif o is not None and best_cost is not None:
                 how = "ilp = greedy" if abs(c - best_cost) <= 1e-12 else how
         how += f" ({status.lower()})" if how.startswith("ilp") else ""
     stats.extraction[how] += 1
     stats.seconds["extract"] += time.monotonic() - t0
     base = _block_cost(mg, b, cost)
     if best_cost is None or best_cost >= base - 1e-12 * max(1.0, base):
-        return None
-    order = _template(best, roots)
-    if order is None or not _respects_walls(best, order, roots, b.forbid):
         return None
     stats.improved_blocks += 1
     return best, order, roots, _rules_used({k: best[k] for k in order}, original, sat.fired,
