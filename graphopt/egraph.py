@@ -189,6 +189,8 @@ class Block:
     # (out index, leaf index): that out must not be computed from that leaf, which an opaque
     # node inside the block's span computes from it (a wall: silu between gate and down)
     forbid: list = field(default_factory=list)
+    # the block's nodes and leaf producers computed from constants only (folded, free)
+    folded: frozenset = frozenset()
 
 
 def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
@@ -205,8 +207,8 @@ def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
     A node the e-graph cannot rewrite (an opaque call such as silu, a node other nodes are
     ordered after) does not end a block: it is a wall inside it, kept as it is; its inputs are
     outputs of the block and its outputs are leaves, and :attr:`Block.forbid` keeps the
-    extraction from computing the first from the second.  So the gate and up projections on either side
-    of a silu are in one block, and can be merged.
+    extraction from computing the first from the second.  So the gate and up projections on
+    either side of a silu are in one block, and can be merged.
     """
     full = mg.topo_order()
     const = mg.const_nodes()
@@ -282,12 +284,13 @@ def cut_blocks(mg: MGraph, min_nodes: int = 6) -> list:
                 v = (nid, j)
                 if v in graph_outs or any(c not in inside for c, _ in mg.consumers.get(v, ())):
                     b.outs.append(v)
-        b.forbid = _walls(mg, b, full_pos)
+        b.forbid = _walls(mg, b, full, full_pos)
+        b.folded = frozenset(nid for nid in (*nodes, *(v[0] for v in b.leaves)) if nid in const)
         out.append(b)
     return out
 
 
-def _walls(mg: MGraph, b: Block, full_pos: dict) -> list:
+def _walls(mg: MGraph, b: Block, full: list, full_pos: dict) -> list:
     """(out index, leaf index) where the leaf is computed, outside the block, from the out."""
     first = min(full_pos[nid] for nid in b.nodes)
     last = max(full_pos[nid] for nid in b.nodes)
@@ -297,10 +300,9 @@ def _walls(mg: MGraph, b: Block, full_pos: dict) -> list:
     if not inner:
         return []
     users: dict = {}         # data and ordering edges within the block's span
-    for nid, p in full_pos.items():
-        if first < p < last:
-            for d in mg.deps(nid):
-                users.setdefault(d, set()).add(nid)
+    for nid in full[first + 1:last]:
+        for d in mg.deps(nid):
+            users.setdefault(d, set()).add(nid)
     for i, o in enumerate(b.outs):
         seen, stack = set(), [o[0]]
         while stack:
@@ -313,9 +315,6 @@ def _walls(mg: MGraph, b: Block, full_pos: dict) -> list:
     return sorted(pairs)
 
 
-def _leaf_kind(mg: MGraph, v) -> tuple:
-    node = mg.nodes[v[0]]
-    return (mg.type_of(v), node.op == INPUT and node.const)
 
 
 def block_signature(mg: MGraph, b: Block) -> tuple:
@@ -323,7 +322,7 @@ def block_signature(mg: MGraph, b: Block) -> tuple:
     types, wiring, which leaves are constants)."""
     leaf_idx = {v: i for i, v in enumerate(b.leaves)}
     node_idx = {nid: i for i, nid in enumerate(b.nodes)}
-    parts = [tuple(_leaf_kind(mg, v) for v in b.leaves)]
+    parts = [tuple((mg.type_of(v), v[0] in b.folded) for v in b.leaves)]
     for nid in b.nodes:
         n = mg.nodes[nid]
         ins = tuple(("l", leaf_idx[v]) if v in leaf_idx else ("n", node_idx[v[0]], v[1]) for v in n.inputs)
@@ -585,12 +584,11 @@ class Saturation:
         cmds = []
         term_of = {}
         guards = {i.guard for p in self.patterns for i in p.lhs.inputs if i.guard}
-        const = mg.const_nodes()
         for i, v in enumerate(b.leaves):
             t = Term.leaf(i)
             term_of[v] = t
             cmds.append(set_(ty(t)).to(PyObject(mg.type_of(v))))
-            if v[0] in const:
+            if v[0] in b.folded:
                 cmds.append(folded(t))
             for g in sorted(guards):
                 if mg.passes_guard(v, g):
@@ -991,7 +989,7 @@ def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None 
     deadline = start + limits.seconds
     merges = [p for p in patterns if _is_merge(p)] if limits.merges else []
     stages = [[p for p in patterns if not _is_merge(p)], merges]
-    g, applied, stopped = mg, Counter(), "no block"
+    g, c, applied, stopped = mg, c0, Counter(), "no block"
     for k, stage in enumerate(stages):
         if not stage:
             continue
@@ -999,14 +997,15 @@ def egraph_search(mg: MGraph, patterns, cost_model, opts, limits: Limits | None 
         end = deadline if k == len(stages) - 1 or not stages[-1] else start + 0.75 * limits.seconds
         new, used, why = _saturate_blocks(g, stage, cost, limits, end, stats)
         stopped = why if k == 0 or stopped == "no block" else f"{stopped}; merges: {why}"
-        if new is not None and cost(new) < cost(g):
-            g = new
+        c_new = cost(new) if new is not None else c
+        if c_new < c:
+            g, c = new, c_new
             applied.update(used)
     seconds = time.monotonic() - start
     info = {"engine": "egraph", **stats.to_json()}
     if g is mg:
         return SearchResult(mg, c0, c0, Counter(), seconds=seconds, stopped_by=stopped, stats=info)
-    return SearchResult(g, cost(g), c0, applied, expanded=stats.iterations, candidates=stats.enodes,
+    return SearchResult(g, c, c0, applied, expanded=stats.iterations, candidates=stats.enodes,
                         seconds=seconds, stopped_by=stopped, stats=info)
 
 
@@ -1135,8 +1134,7 @@ def _respects_walls(choice: dict, order: list, roots: list, forbid: list) -> boo
 
 
 def _block_cost(mg: MGraph, b: Block, cost: GraphCost) -> float:
-    const = mg.const_nodes()
-    return sum(cost.node(mg, nid) for nid in b.nodes if nid not in const)
+    return sum(cost.node(mg, nid) for nid in b.nodes if nid not in b.folded)
 
 
 def _rules_used(choice: dict, original: dict, fired: dict, patterns: dict, const: set) -> Counter:
