@@ -103,11 +103,13 @@ def lookup_op(op: str):
 
 
 def plain_value(value):
-    """Dims (and tuples/lists of them) as ints; raises GraphoptError for symbolic dims."""
+    """Dims (and tuples/lists of them) as ints: a symbolic size as its example value (the hint
+    of :func:`graphopt.dims.size_hints`); raises GraphoptError for a symbolic dim without one."""
     if isinstance(value, Dim):
-        if not value.is_const:
-            raise GraphoptError(f"cost models need concrete sizes, got symbolic dimension {value}")
-        return value.const
+        try:
+            return value.hint()
+        except ValueError:
+            raise GraphoptError(f"cost models need a size for the symbolic dimension {value}") from None
     if isinstance(value, (tuple, list)):
         return tuple(plain_value(v) for v in value)
     return value

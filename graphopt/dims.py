@@ -20,6 +20,8 @@ Example:
 from __future__ import annotations
 
 import re
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Mapping
 
 _TERM = re.compile(r"^(\d*)([A-Za-z_][A-Za-z_0-9]*(?:\*[A-Za-z_][A-Za-z_0-9]*)*)$")
@@ -133,6 +135,69 @@ class Dim:
             raise ValueError(f"{self} - {Dim.of(other)} is not a positive dimension")
         return result
 
+    def __mul__(self, other) -> "Dim":
+        """The product of two dimensions (a polynomial with non-negative coefficients)."""
+        other = Dim.of(other)
+        merged: dict[str, int] = {}
+        mine = list(self.terms) + ([("", self.const)] if self.const else [])
+        theirs = list(other.terms) + ([("", other.const)] if other.const else [])
+        const = 0
+        for s, c in mine:
+            for t, k in theirs:
+                names = [f for f in (factors(s) if s else []) + (factors(t) if t else [])]
+                if not names:
+                    const += c * k
+                    continue
+                m = _monomial(names)
+                merged[m] = merged.get(m, 0) + c * k
+        return Dim(tuple(merged.items()), const)
+
+    __rmul__ = __mul__
+
+    def divide(self, factor) -> "Dim | None":
+        """``self / factor`` when the division is exact for every size (``12s / 4 = 3s``,
+        ``2a*b / a = 2b``), else None."""
+        factor = Dim.of(factor)
+        m = factor.monomial()
+        if m is None or m[0] == 0:
+            return None
+        coeff, names = m
+        if self.const and names or self.const % coeff:
+            return None
+        terms = []
+        for s, c in self.terms:
+            rest = list(factors(s))
+            for f in names:
+                if f not in rest:
+                    return None
+                rest.remove(f)
+            if c % coeff:
+                return None
+            if not rest:
+                return None if self.terms and len(self.terms) > 1 or self.const else Dim((), c // coeff)
+            terms.append((_monomial(rest), c // coeff))
+        return Dim(tuple(terms), self.const // coeff)
+
+    def substitute(self, binding: Mapping) -> "Dim":
+        """The dimension with each bound symbol replaced by its size, a number or a Dim
+        (a rule's symbols bound to a graph's symbolic sizes); raises ValueError for an
+        unbound symbol."""
+        out = Dim((), self.const)
+        for s, c in self.terms:
+            term = Dim((), c)
+            for f in factors(s):
+                if f not in binding:
+                    raise ValueError(f"no size given for symbol {f!r} in dimension {self}")
+                term = term * binding[f]
+            out = out + term
+        return out
+
+    def hint(self) -> int:
+        """The size this dimension has in the example being optimised (:func:`size_hints`)."""
+        if not self.terms:
+            return self.const
+        return self.evaluate(_HINTS.get())
+
     def evaluate(self, binding: Mapping[str, int]) -> int:
         try:
             return self.const + sum(c * _product(binding[f] for f in factors(s)) for s, c in self.terms)
@@ -155,6 +220,10 @@ class Dim:
         return self._hash
 
     def __lt__(self, other: "Dim") -> bool:
+        """An arbitrary total order of Dims (for sorting), not a comparison of sizes: a
+        symbolic size compared with a number is a TypeError."""
+        if not isinstance(other, Dim):
+            return NotImplemented
         return (self.terms, self.const) < (other.terms, other.const)
 
     def __str__(self) -> str:
@@ -164,6 +233,36 @@ class Dim:
         return "+".join(parts)
 
     __repr__ = __str__
+
+
+def plain(d):
+    """A dimension as the IR's working graphs store it: an int when it is one, else the Dim."""
+    d = Dim.of(d)
+    return d.const if not d.terms else d
+
+
+def hint_of(d) -> int:
+    """An int, or a symbolic Dim's size in the example being optimised."""
+    return d.hint() if isinstance(d, Dim) else int(d)
+
+
+_HINTS: ContextVar = ContextVar("graphopt_size_hints", default={})
+
+
+@contextmanager
+def size_hints(hints: Mapping[str, int]):
+    """Within the block, symbolic sizes have these example values (cost models read them).
+
+    Example:
+        >>> with size_hints({"s0": 40}):
+        ...     (Dim.sym("s0") * 12).hint()
+        480
+    """
+    token = _HINTS.set({**_HINTS.get(), **hints})
+    try:
+        yield
+    finally:
+        _HINTS.reset(token)
 
 
 def _product(values) -> int:
@@ -236,31 +335,49 @@ def unify(pairs, binding: Mapping[str, int] | None = None) -> dict | None:
     return solved[0]
 
 
-def solve(pairs, binding: Mapping[str, int] | None = None):
+def solve(pairs, binding: Mapping | None = None):
     """Like :func:`unify`, but returns ``(binding, unsolved_symbols)``; None if inconsistent.
 
-    A dimension such as ``c+d`` fixes neither symbol alone; those stay unsolved.
+    A dimension such as ``c+d`` fixes neither symbol alone; those stay unsolved.  A size may
+    itself be symbolic (a graph whose prompt length is a symbol ``s0``): a pattern symbol is
+    then bound to a Dim, and only when the equation holds for every value of ``s0``
+    (``a`` against ``12s0`` gives ``a = 12s0``; ``a+64`` against ``s0`` has no solution).
     """
     out = dict(binding or {})
-    pending = [(Dim.of(d), int(v)) for d, v in pairs]
+    pending = [(Dim.of(d), v if isinstance(v, Dim) and v.terms else int(v)) for d, v in pairs]
     progress = True
     while pending and progress:
         progress, rest = False, []
         for d, v in pending:
             unknown = [(s, c) for s, c in d.terms if any(f not in out for f in factors(s))]
+            symbolic = isinstance(v, Dim) or any(isinstance(out[f], Dim) for s, _ in d.terms
+                                                 for f in factors(s) if f in out)
             if not unknown:
-                if d.evaluate(out) != v:
+                if (plain(d.substitute(out)) if symbolic else d.evaluate(out)) != v:
                     return None
                 progress = True
                 continue
             missing = [f for s, _ in unknown for f in factors(s) if f not in out]
             if len(unknown) == 1 and len(missing) == 1:
                 s, c = unknown[0]
-                c *= _product(out[f] for f in factors(s) if f in out)
-                known = d.const + sum(k * _product(out[f] for f in factors(t)) for t, k in d.terms if (t, k) != (s, unknown[0][1]))
-                if (v - known) <= 0 or (v - known) % c:
-                    return None
-                out[missing[0]] = (v - known) // c
+                known_terms = tuple(t for t in d.terms if t != unknown[0])
+                if symbolic:
+                    factor = Dim((), c)
+                    for f in factors(s):
+                        if f in out:
+                            factor = factor * out[f]
+                    known = Dim(known_terms, d.const).substitute(out)
+                    left = Dim.of(v) if known == 0 else Dim.of(v).minus(known)
+                    value = None if left is None else left.divide(factor)
+                    if value is None or value == 0:
+                        return None
+                    out[missing[0]] = plain(value)
+                else:
+                    c *= _product(out[f] for f in factors(s) if f in out)
+                    known = d.const + sum(k * _product(out[f] for f in factors(t)) for t, k in known_terms)
+                    if (v - known) <= 0 or (v - known) % c:
+                        return None
+                    out[missing[0]] = (v - known) // c
                 progress = True
             else:
                 rest.append((d, v))

@@ -45,7 +45,7 @@ from egglog import (EGraph, Expr, PyObject, String, StringLike, eq, function, i6
                     set_, union, var)
 from egglog import back_off, run as egg_run
 
-from .dims import Dim
+from .dims import Dim, plain
 from .errors import GraphoptError
 from .ir import OPAQUE, concrete_attrs, parse_ref
 from .ops import get_op
@@ -405,8 +405,8 @@ def _check_types(rule_id, *args):
             outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in ins], [dt for _, dt in ins], full)
         except GraphoptError:
             return _FAIL
-        outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
-        plan.append((tuple(sorted(concrete_attrs(tuple(full.items()), {}).items())), outs))
+        outs = tuple((tuple(plain(d) for d in s), dt) for s, dt in outs)
+        plan.append((tuple(sorted(concrete_attrs(tuple(full.items()), None).items())), outs))
         for j, t in enumerate(outs):
             env[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = t
     for lref, rref in zip(lhs.outputs, rhs.outputs):

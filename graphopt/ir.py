@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from .dims import Dim, evaluate_shape, shape_of, shape_str, solve
+from .dims import Dim, evaluate_shape, plain, shape_of, shape_str, solve
 from .errors import GraphoptError, RuleFormatError, ShapeError
 from .ops import get_op
 from .ops.base import FLOAT_DTYPES
@@ -94,6 +94,11 @@ class Graph:
     # (a guard such as "this mask is causal" held): both are what a runtime guard watches
     folds: object = None
     assumed: set = field(default_factory=set)
+    # symbolic sizes: symbol -> its value in the example (what cost models read), and
+    # ref -> guards its value is proved to pass for every size (a causal mask built from
+    # the sequence length), which guarded rules accept like a checked constant
+    hints: dict = field(default_factory=dict)
+    facts: dict = field(default_factory=dict)
 
     # -- construction ---------------------------------------------------------------
     def add_input(self, name: str, shape, dtype: str = "float32", guard: str | None = None) -> str:
@@ -301,15 +306,30 @@ def _is_default(op: str, key: str, value) -> bool:
     return get_op(op).attrs[key].default == value
 
 
-def concrete_attrs(attrs, binding: Mapping) -> dict:
+def concrete_attrs(attrs, binding: Mapping | None) -> dict:
+    """Attributes with their sizes evaluated under ``binding`` (a rule's symbols): ints, or
+    Dims where a bound size is itself symbolic.  ``binding=None``: a graph's own attributes,
+    whose symbolic sizes stay as they are."""
     out = {}
     for k, v in attrs:
         if isinstance(v, Dim):
-            v = v.evaluate(binding)
-        elif isinstance(v, tuple) and v and isinstance(v[0], Dim):
-            v = tuple(d.evaluate(binding) for d in v)
+            v = _concrete(v, binding)
+        elif isinstance(v, tuple) and v and any(isinstance(d, Dim) for d in v):
+            v = tuple(_concrete(d, binding) if isinstance(d, Dim) else d for d in v)
         out[k] = v
     return out
+
+
+def _concrete(d: Dim, binding: Mapping):
+    """A size under a binding of a rule's symbols (every one must be bound: a ValueError
+    names a missing one); with ``binding=None``, a graph's own symbolic size as it is."""
+    if not d.terms:
+        return d.const
+    if binding is None:
+        return d
+    if all(isinstance(binding.get(f), int) for f in d.symbols):
+        return d.evaluate(binding)
+    return plain(d.substitute(binding))
 
 
 def instantiate_inputs(graph: Graph, binding: Mapping) -> dict:

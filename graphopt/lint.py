@@ -11,7 +11,7 @@ stage and the node.
 """
 from __future__ import annotations
 
-from .dims import Dim
+from .dims import Dim, plain
 from .errors import GraphoptError
 from .ir import OPAQUE
 from .ops import get_op
@@ -42,7 +42,7 @@ def lint_mgraph(mg, stage: str) -> None:
                                        opdef.full_attrs(dict(n.attrs)))
         except GraphoptError as e:
             raise LintError(f"IR lint after {stage}: node {nid} ({n.op}) does not type-check: {e}") from None
-        got = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
+        got = tuple((tuple(plain(d) for d in s), dt) for s, dt in outs)
         if got != tuple(n.outs):
             raise LintError(f"IR lint after {stage}: node {nid} ({n.op}) says its outputs are {n.outs}, "
                             f"the registry infers {got}")

@@ -23,6 +23,7 @@ from collections import Counter
 from typing import Protocol
 
 from . import kernels
+from .dims import plain
 from .errors import GraphoptError, first_line
 from .explain import attention_blocks
 from .options import Options
@@ -100,6 +101,12 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
     Returns:
         the optimised IR graph, or None when nothing was rewritten.
     """
+    from .dims import size_hints
+    with size_hints(graph.hints):
+        return _transform(graph, plan, cost_model, opts, rep)
+
+
+def _transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
     from .engines import ENGINES
     from .explain import unfused_attention
     from .rewrite import MGraph, fold_constants, to_graph
@@ -182,8 +189,8 @@ def expand_composites(mg) -> tuple:
             from .dims import Dim
             full = opdef.full_attrs(attrs)
             outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in types], [dt for _, dt in types], full)
-            outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
-            mnode = MNode(op, ins, tuple(sorted(concrete_attrs(tuple(full.items()), {}).items())), outs,
+            outs = tuple((tuple(plain(d) for d in s), dt) for s, dt in outs)
+            mnode = MNode(op, ins, tuple(sorted(concrete_attrs(tuple(full.items()), None).items())), outs,
                           after=node.after)
             refs.append((new.add_node(mnode, intern=not node.after), 0))
         if new.type_of(refs[-1]) != node.outs[0]:

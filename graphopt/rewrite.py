@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .dims import Dim, solve
+from .dims import Dim, plain, solve
 from .errors import GraphoptError
 from .ir import OPAQUE, Graph, concrete_attrs, parse_ref
 from .ops import get_op
@@ -53,6 +53,7 @@ class MGraph:
         self._levels: tuple | None = None
         self.constants: dict = {}        # const input name -> value (read by guarded rules)
         self._guard_ok: dict = {}        # (input name, guard) -> bool
+        self.facts: dict = {}            # value -> guards it passes for every size (proved)
         self._ordered: set = set()       # ids of nodes with ordering deps (``MNode.after``)
 
     # -- building ------------------------------------------------------------------
@@ -91,25 +92,26 @@ class MGraph:
         mg = MGraph()
         value_of, id_of = {}, {}
         for inp in graph.inputs:
-            shape = tuple(d.const for d in inp.shape)
+            shape = tuple(plain(d) for d in inp.shape)
             nid = mg.add_node(MNode(INPUT, (), (), ((shape, inp.dtype),), name=inp.name, const=inp.const),
                               intern=False)
             value_of[inp.name] = (nid, 0)
         for idx, n in enumerate(graph.nodes):
-            outs = tuple((tuple(d.const for d in s), dt) for s, dt in n.outs)
+            outs = tuple((tuple(plain(d) for d in s), dt) for s, dt in n.outs)
             ins = tuple(value_of[r] for r in n.inputs)
             after = tuple(id_of[k] for k in graph.after.get(idx, ()))
             if n.op == OPAQUE:
                 nid = mg.add_node(MNode(OPAQUE, ins, n.attrs, outs, payload=graph.payloads[idx], after=after),
                                   intern=False)
             else:
-                nid = mg.add_node(MNode(n.op, ins, tuple(concrete_attrs(n.attrs, {}).items()), outs, after=after),
+                nid = mg.add_node(MNode(n.op, ins, tuple(concrete_attrs(n.attrs, None).items()), outs, after=after),
                                   intern=not after)
             id_of[idx] = nid
             for j in range(len(outs)):
                 value_of[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = (nid, j)
         mg.outputs = [value_of[r] for r in graph.outputs]
         mg.constants = graph.constants
+        mg.facts = {value_of[r]: set(guards) for r, guards in graph.facts.items() if r in value_of}
         return mg, value_of
 
     def copy(self) -> "MGraph":
@@ -120,12 +122,15 @@ class MGraph:
         new.next_id = self.next_id
         new._intern = dict(self._intern)
         new._changes, new._levels = self._changes, self._levels  # same graph: caches stay valid
-        new.constants, new._guard_ok = self.constants, self._guard_ok
+        new.constants, new._guard_ok, new.facts = self.constants, self._guard_ok, self.facts
         new._ordered = set(self._ordered)
         return new
 
     def passes_guard(self, value, guard: str) -> bool:
-        """Whether ``value`` is a constant input whose value passes the guard."""
+        """Whether ``value`` is a constant input whose value passes the guard, or a value
+        proved to pass it for every size (``facts``)."""
+        if guard in self.facts.get(value, ()):
+            return True
         node = self.nodes[value[0]]
         if node.op != INPUT or not node.const or node.name not in self.constants:
             return False
@@ -532,8 +537,8 @@ def replacement_plan(mg: MGraph, match: Match) -> list | None:
             outs = opdef.infer_checked([tuple(Dim.of(d) for d in s) for s, _ in ins], [dt for _, dt in ins], full)
         except GraphoptError:
             return None
-        outs = tuple((tuple(d.const for d in s), dt) for s, dt in outs)
-        plan.append((node, tuple(sorted(concrete_attrs(tuple(full.items()), {}).items())), outs))
+        outs = tuple((tuple(plain(d) for d in s), dt) for s, dt in outs)
+        plan.append((node, tuple(sorted(concrete_attrs(tuple(full.items()), None).items())), outs))
         for j, t in enumerate(outs):
             types[f"%{idx}.{j}" if len(outs) > 1 else f"%{idx}"] = t
     for lref, rref in zip(p.lhs.outputs, p.rhs.outputs):
@@ -679,7 +684,7 @@ def _outs(nid, node) -> list:
 def to_graph(mg: MGraph, template: Graph, extra_constants: dict | None = None) -> Graph:
     """Write an MGraph back as an IR Graph (inputs, constants and payloads from the template;
     constant inputs the search added, e.g. folded weights, from ``extra_constants``)."""
-    g = Graph(constants=dict(template.constants))
+    g = Graph(constants=dict(template.constants), hints=dict(template.hints))
     ref = {}
     for inp in template.inputs:
         g.inputs.append(inp)

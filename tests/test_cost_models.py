@@ -110,16 +110,24 @@ def test_opaque_and_unknown_ops_cost_nothing(model):
     assert model.op_cost("not_an_op", [(4,)], [(4,)], "float32", {}) == 0.0
 
 
-def test_symbolic_graph_is_an_error(model):
+def test_symbolic_graph_needs_size_hints(model):
+    """A symbolic size is costed at its example value (size_hints); without one, an error
+    that names the dimension."""
+    from graphopt.dims import size_hints
     g = Graph()
     g.add_input("x", ["a", "b+c"])
     g.outputs = [g.add("relu", "x")]
-    with pytest.raises(GraphoptError, match="concrete"):
+    with pytest.raises(GraphoptError, match="symbolic dimension a"):
         model.graph_cost(g)
+    concrete = Graph()
+    concrete.add_input("x", [3, 9])
+    concrete.outputs = [concrete.add("relu", "x")]
+    with size_hints({"a": 3, "b": 4, "c": 5}):
+        assert model.graph_cost(g) == model.graph_cost(concrete)
     g = Graph()
     g.add_input("x", ["a", "b+c"])
     g.outputs = list(g.add("split", "x", axis=1, left="b"))  # a symbolic attribute
-    with pytest.raises(GraphoptError, match="concrete"):
+    with pytest.raises(GraphoptError, match="symbol .b."):
         model.node_costs(g)
 
 

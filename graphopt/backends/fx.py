@@ -30,11 +30,67 @@ def run_op(op_name: str, attrs: tuple, *tensors):
 
 
 def _plain(value):
+    """An attribute as a lowering reads it: constant sizes as ints (symbolic ones stay Dims,
+    written as run-time size expressions by :class:`_Sizes`)."""
     if isinstance(value, Dim):
-        return value.const if value.is_const else str(value)
+        return value.const if value.is_const else value
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     return value
+
+
+class _Sizes:
+    """Symbolic sizes as fx nodes of the new graph: a symbol is read from where the call
+    receives it (Dynamo passes ``s0`` as an int argument; else ``x.size(k)`` of an input
+    whose axis k is exactly that size), a Dim is then sums and products of those."""
+
+    def __init__(self, new: fx.Graph, placeholders: list, fx_env: dict):
+        from ..frontends.fx import _meta_value, sym_dim
+        self.new, self.nodes, self.sources = new, {}, {}
+        for ph in placeholders:
+            value = _meta_value(ph)
+            if isinstance(value, torch.SymInt):
+                d = sym_dim(value)
+                if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and not d.const:
+                    self.sources.setdefault(d.terms[0][0], fx_env[ph])
+        for ph in placeholders:
+            value = _meta_value(ph)
+            if isinstance(value, torch.Tensor):
+                for k, size in enumerate(value.shape):
+                    d = sym_dim(size)
+                    if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and not d.const \
+                            and "*" not in d.terms[0][0]:
+                        self.sources.setdefault(d.terms[0][0], (fx_env[ph], k))
+
+    def symbol(self, name: str):
+        if name not in self.nodes:
+            src = self.sources.get(name)
+            if src is None:
+                raise GraphoptError(f"the symbolic size {name} is not an input size of the graph")
+            self.nodes[name] = src if isinstance(src, fx.Node) else \
+                self.new.call_function(torch.ops.aten.sym_size.int, src)
+        return self.nodes[name]
+
+    def node(self, d: Dim):
+        """The fx value of a symbolic Dim (a node, or the int it is)."""
+        out = d.const or None
+        for term, coeff in d.terms:
+            value = coeff if coeff != 1 else None
+            for f in term.split("*"):
+                s = self.symbol(f)
+                value = s if value is None else self.new.call_function(operator.mul, (value, s))
+            out = value if out is None else self.new.call_function(operator.add, (out, value))
+        return out
+
+    def attrs(self, attrs: tuple, tracer) -> tuple:
+        def conv(v):
+            if isinstance(v, Dim) and not v.is_const:
+                n = self.node(v)
+                return fx.Proxy(n, tracer) if isinstance(n, fx.Node) else n
+            if isinstance(v, tuple):
+                return tuple(conv(x) for x in v)
+            return v
+        return tuple((k, conv(v)) for k, v in attrs)
 
 
 def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
@@ -78,6 +134,7 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
         if old is not None:
             fx_env[old] = n
 
+    sizes = _Sizes(new, imp.placeholders, fx_env)
     for idx, node in enumerate(graph.nodes):
         if node.op == OPAQUE:
             payload = graph.payloads[idx]
@@ -95,7 +152,7 @@ def export_fx(imp, graph: Graph | None = None) -> fx.GraphModule:
             pos = get_op(node.op).scalar_operand
             args = [_number(graph, r) if k == pos and _number(graph, r) is not None else ref_env[r]
                     for k, r in enumerate(node.inputs)]
-            for j, n in enumerate(_emit_op(new, graph, node, concrete, args)):
+            for j, n in enumerate(_emit_op(new, graph, node, concrete, args, sizes)):
                 ref_env[node_ref(idx, j, len(node.outs))] = n
 
     out = imp.output
@@ -134,9 +191,11 @@ class _TypedProxy(fx.Proxy):
         return self.dtype.is_floating_point
 
 
-def _emit_op(new: fx.Graph, graph: Graph, node, attrs: tuple, args: list) -> list:
+def _emit_op(new: fx.Graph, graph: Graph, node, attrs: tuple, args: list, sizes=None) -> list:
     """The fx nodes of one registry op: its torch lowering traced into ``new``."""
     tracer = fx.proxy.GraphAppendingTracer(new)
+    if sizes is not None:
+        attrs = sizes.attrs(attrs, tracer)
     proxies = [_TypedProxy(a, tracer, *graph.type_of(r)) if isinstance(a, fx.Node) else a
                for a, r in zip(args, node.inputs)]
     try:

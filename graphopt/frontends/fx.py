@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from ..dims import plain
 from ..errors import GraphoptError
 from ..ir import Graph
 from ..ops import REGISTRY, get_op
@@ -63,15 +64,58 @@ def _meta_value(node: fx.Node):
     return meta.get("val", meta.get("example_value"))
 
 
-def _tensor_type(value):
-    """(shape, dtype name) for a tensor with concrete shape, else None."""
+def _tensor_type(value, hints: dict | None = None):
+    """(shape, dtype name) for a tensor whose sizes are numbers or symbolic sizes the IR can
+    state (``s0``, ``12*s0``, ``s0*s1``, read without specialising them), else None.
+    ``hints`` collects each symbol's value in the example."""
     if not isinstance(value, torch.Tensor):
         return None
-    if any(not isinstance(d, int) for d in value.shape):  # symbolic sizes: int() would specialise them
+    shape = tuple(sym_dim(d, hints) for d in value.shape)
+    if any(d is None for d in shape):
         return None
-    shape = tuple(value.shape)
     dtype = _DTYPE_NAMES.get(value.dtype)
     return None if dtype is None else (shape, dtype)
+
+
+def sym_dim(d, hints: dict | None = None):
+    """A size as the IR states it: an int, or a :class:`~graphopt.dims.Dim` for a symbolic
+    size that is a polynomial with non-negative integer coefficients in the shape
+    environment's symbols (``s0``, ``12*s0 + 12``); None for anything else (``s0 - 1``,
+    ``s0 // 2``, a size without an example value)."""
+    if isinstance(d, int) and not isinstance(d, bool):
+        return d
+    if not isinstance(d, torch.SymInt):
+        return None
+    node = d.node
+    expr = node.expr
+    if expr.is_Integer:
+        return int(expr)
+    import sympy
+    from ..dims import Dim, plain
+    terms, const = {}, 0
+    for mono, coeff in expr.expand().as_coefficients_dict().items():
+        if not coeff.is_Integer or coeff < 0:
+            return None
+        if mono == 1:
+            const += int(coeff)
+            continue
+        names = []
+        for f in sympy.Mul.make_args(mono):
+            base, exp = f.as_base_exp()
+            if not (base.is_Symbol and exp.is_Integer and exp > 0):
+                return None
+            names += [str(base)] * int(exp)
+        key = "*".join(sorted(names))
+        terms[key] = terms.get(key, 0) + int(coeff)
+    env = node.shape_env
+    for sym in expr.free_symbols:
+        value = getattr(env, "backed_var_to_val", getattr(env, "var_to_val", {})).get(sym) \
+            if env is not None else None
+        if value is None:
+            return None     # an unbacked size (data-dependent): nothing to cost or verify with
+        if hints is not None:
+            hints[str(sym)] = int(value)
+    return plain(Dim(tuple(terms.items()), const))
 
 
 def _spellings() -> dict:
@@ -107,7 +151,8 @@ class _Ctx:
         return len(self.imp.graph.type_of(self.imp.ref_of[a])[0])
 
     def shape(self, a) -> tuple:
-        return tuple(d.const for d in self.imp.graph.type_of(self.imp.ref_of[a])[0])
+        """The operand's shape: ints, and Dims where a size is symbolic."""
+        return tuple(plain(d) for d in self.imp.graph.type_of(self.imp.ref_of[a])[0])
 
     def dtype(self, a) -> str:
         return self.imp.graph.type_of(self.imp.ref_of[a])[1]
@@ -161,14 +206,14 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
             pass  # a trace-time metadata check: it held when the graph was captured
         elif node.op == "placeholder":
             imp.placeholders.append(node)
-            t = _tensor_type(_meta_value(node))
+            t = _tensor_type(_meta_value(node), imp.graph.hints)
             if t is not None:
                 value = None if node in mutated else (constant_inputs or {}).get(node)
                 imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
                                                   value=None if value is None else value.detach())
         elif node.op == "get_attr":
             value = fetch_attr(gm, node.target)
-            t = _tensor_type(value)
+            t = _tensor_type(value, g.hints)
             if t is not None:  # a weight or buffer: a constant, unless the graph writes to it (a KV cache)
                 imp.ref_of[node] = g.add_external(_unique(node.name, names), t[0], t[1],
                                                   value=None if node in mutated else value)
@@ -441,12 +486,15 @@ def _registry_op(imp: FxImport, node, spell, names, target=None) -> bool:
         return False
     value = _meta_value(node)
     outs = value if isinstance(value, (list, tuple)) else [value]
-    types = [_tensor_type(v) for v in outs]
+    types = [_tensor_type(v, imp.graph.hints) for v in outs]
     if not outs or any(t is None for t in types):
         return False
     ctx = _Ctx(imp, [t[0] for t in types], node)
     for op_name, parse in candidates:
-        parsed = parse(node.args, dict(node.kwargs), ctx)
+        try:
+            parsed = parse(node.args, dict(node.kwargs), ctx)
+        except TypeError:   # a spelling that compares a symbolic size with a number: not
+            parsed = None   # provable for every size, so not this op
         if parsed is None:
             continue
         # a third item: the call is only that output of the op (x[..., :k] is split's first part)
@@ -472,7 +520,7 @@ def _registry_op(imp: FxImport, node, spell, names, target=None) -> bool:
             except GraphoptError:
                 continue
             out_refs = out if isinstance(out, tuple) else (out,)
-            got = [(tuple(d.const for d in s), dt) for s, dt in (imp.graph.type_of(r) for r in out_refs)]
+            got = [(tuple(plain(d) for d in s), dt) for s, dt in (imp.graph.type_of(r) for r in out_refs)]
             wanted = [tuple(t) for t in types]
             if pick:
                 out_refs, got = out_refs[pick[0]:pick[0] + 1], got[pick[0]:pick[0] + 1]
@@ -497,10 +545,10 @@ def _opaque(imp: FxImport, node):
     tensor_args = [a for a in node.all_input_nodes if a in imp.ref_of]
     value = _meta_value(node)
     if isinstance(value, (list, tuple)):
-        types = [_tensor_type(v) for v in value]
+        types = [_tensor_type(v, imp.graph.hints) for v in value]
         outs = [t for t in types if t is not None] if all(t is not None for t in types) else []
     else:
-        t = _tensor_type(value)
+        t = _tensor_type(value, imp.graph.hints)
         outs = [t] if t is not None else []
     payload = FxPayload(node, tensor_args, tuple_valued=isinstance(value, (list, tuple)) and bool(outs),
                         pure=bool(outs) and _pure_call(node))

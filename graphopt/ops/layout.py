@@ -140,7 +140,7 @@ expand = register(OpDef(
     attrs={"shape": AttrSpec("dims")},
     infer=_expand_infer,
     compute=lambda dom, x, a: [np.broadcast_to(x[0], tuple(int(d) for d in a["shape"]))],
-    lower=lambda t, a: [t[0].expand(*[int(d) for d in a["shape"]])],
+    lower=lambda t, a: [t[0].expand(*[int(d) if isinstance(d, (int, Dim)) else d for d in a["shape"]])],
     flops=lambda ins, outs, a: 0,
     fx=(FxForm(("method:expand", "method:expand_as", torch.broadcast_to, "method:broadcast_to",
                 aten.expand.default, aten.expand_as.default), sp.to_own_shape),),
