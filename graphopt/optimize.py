@@ -107,7 +107,14 @@ class FxFrontend:
         return guard_fx(imp, graph, fast, self.eager or self.original, self.example_inputs, root=self.root)
 
     def trials(self) -> list:
-        return _trials(self.original, self.example_inputs, self.opts)
+        trials = _trials(self.original, self.example_inputs, self.opts)
+        phs = [n for n in self.original.graph.nodes if n.op == "placeholder"]
+        bindings = [b for b in size_bindings(phs)]
+        # the sizes of each trial, for the report: the example's (hints), then the others
+        hints = {str(s): v for s, v in _example_sizes(phs, self.example_inputs).items()}
+        self.trial_sizes = [hints] * (len(trials) - len(bindings)) + [{str(k): v for k, v in b.items()}
+                                                                      for b in bindings]
+        return trials
 
     def run(self, module, inputs) -> list:
         """One call on copies of the inputs (a graph may update them in place: a KV cache,
@@ -164,27 +171,94 @@ def _trials(original, example_inputs, opts: Options) -> list:
     gen = torch.Generator().manual_seed(opts.seed)
     example_inputs = [_hint(x) for x in example_inputs]
     trials = [list(example_inputs)]
-    buffers = [_is_buffer(n) for n in original.graph.nodes if n.op == "placeholder"]
+    phs = [n for n in original.graph.nodes if n.op == "placeholder"]
+    buffers = [_is_buffer(n) for n in phs]
     for _ in range(opts.verify_trials):
-        fresh = []
-        for t, is_buffer in zip(example_inputs, buffers):
-            if isinstance(t, torch.nn.Parameter) or is_buffer or not isinstance(t, torch.Tensor) or t.numel() == 0:
-                fresh.append(t)
-            elif t.is_floating_point():
-                r = torch.randn(t.shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
-                fresh.append(r * (t.float().std().item() if t.numel() > 1 else 1.0))
-            elif t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
-                # within the range seen, widened to 0 and 1 at least: an all-ones attention
-                # mask must also be tried with zeros (a trial the original itself rejects,
-                # e.g. a token id past the vocabulary, is skipped by the verifier)
-                lo, hi = min(int(t.min()), 0), max(int(t.max()) + 1, 2)
-                fresh.append(torch.randint(lo, hi, t.shape, generator=gen, dtype=t.dtype).to(t.device))
-            elif t.dtype == torch.bool:
-                fresh.append(torch.rand(t.shape, generator=gen).to(t.device) < 0.5)
-            else:
-                fresh.append(t)
-        trials.append(fresh)
+        trials.append([t if isinstance(t, torch.nn.Parameter) or is_buffer else _random_like(t, getattr(t, "shape", None), gen)
+                       for t, is_buffer in zip(example_inputs, buffers)])
+    for binding in size_bindings(phs):   # a graph with symbolic sizes: other sizes too
+        trial = _at_sizes(phs, example_inputs, buffers, binding, gen)
+        trials.append(trial)   # (None: a weight of symbolic size; the verifier skips it)
     return trials
+
+
+# the sizes every symbolic size is also verified at: 1, sizes that are not multiples of 8,
+# and one trial where the symbols differ from each other
+SIZE_TRIALS = ((1,), (5,), (11,), (3, 7, 2, 9))
+
+
+def _symbols(phs) -> list:
+    """The size symbols of the placeholders' example values (Dynamo's ``s0``...), in order."""
+    from .frontends.fx import _meta_value
+    out: list = []
+    for ph in phs:
+        v = _meta_value(ph)
+        sizes = [v] if isinstance(v, torch.SymInt) else list(v.shape) if isinstance(v, torch.Tensor) else []
+        for d in sizes:
+            if isinstance(d, torch.SymInt):
+                out += [s for s in sorted(d.node.expr.free_symbols, key=str) if s not in out]
+    return out
+
+
+def _example_sizes(phs, example_inputs) -> dict:
+    """symbol -> its value in the example inputs."""
+    from .frontends.fx import _meta_value
+    out = {}
+    for ph, x in zip(phs, example_inputs):
+        v = _meta_value(ph)
+        pairs = [(v, x)] if isinstance(v, torch.SymInt) else \
+            list(zip(v.shape, x.shape)) if isinstance(v, torch.Tensor) and isinstance(x, torch.Tensor) else []
+        for d, n in pairs:
+            if isinstance(d, torch.SymInt) and d.node.expr.is_Symbol:
+                out[d.node.expr] = int(_hint(n))
+    return out
+
+
+def size_bindings(phs) -> list:
+    """Bindings of the graph's size symbols to verify at (none for a graph without any)."""
+    syms = _symbols(phs)
+    if not syms:
+        return []
+    return [{s: values[k % len(values)] for k, s in enumerate(syms)} for values in SIZE_TRIALS]
+
+
+def _at_sizes(phs, example_inputs, constants, binding, gen):
+    """Inputs of the graph with its size symbols at ``binding`` (random values, integer ones
+    within the range seen); None when a constant input (a weight) has a symbolic size."""
+    from .frontends.fx import _meta_value
+    out = []
+    for ph, t, constant in zip(phs, example_inputs, constants):
+        v = _meta_value(ph)
+        if isinstance(v, torch.SymInt):
+            out.append(int(v.node.expr.xreplace(binding)))
+            continue
+        if not isinstance(v, torch.Tensor) or not isinstance(t, torch.Tensor) or \
+                all(isinstance(d, int) for d in v.shape):
+            out.append(t)
+            continue
+        if isinstance(t, torch.nn.Parameter) or constant:
+            return None
+        shape = tuple(int(d.node.expr.xreplace(binding)) if isinstance(d, torch.SymInt) else d for d in v.shape)
+        out.append(_random_like(t, shape, gen))
+    return out
+
+
+def _random_like(t, shape, gen):
+    """Random values of t's kind and the given shape (t itself when not a tensor)."""
+    if not isinstance(t, torch.Tensor) or t.numel() == 0:
+        return t
+    if t.is_floating_point():
+        r = torch.randn(shape, generator=gen, dtype=torch.float32).to(t.dtype).to(t.device)
+        return r * (t.float().std().item() if t.numel() > 1 else 1.0)
+    if t.dtype in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
+        # within the range seen, widened to 0 and 1 at least: an all-ones attention
+        # mask must also be tried with zeros (a trial the original itself rejects,
+        # e.g. a token id past the vocabulary, is skipped by the verifier)
+        lo, hi = min(int(t.min()), 0), max(int(t.max()) + 1, 2)
+        return torch.randint(lo, hi, shape, generator=gen, dtype=t.dtype).to(t.device)
+    if t.dtype == torch.bool:
+        return torch.rand(shape, generator=gen).to(t.device) < 0.5
+    return t
 
 
 def _hint(x):

@@ -70,6 +70,9 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> 
         rep.nodes = len(imp.graph.nodes)
         rep.ops, rep.opaque = imp.counts["ops"], imp.counts["opaque"]
         rep.attention["blocks"] = attention_blocks(imp.graph)
+        if imp.graph.hints:
+            rep.sizes = {"symbols": dict(imp.graph.hints),
+                         "proved": dict(Counter(g for guards in imp.graph.facts.values() for g in guards))}
         plan = frontend.adjust(imp, plan, rep)
         stage("search")
         graph = transform(imp.graph, plan, cost_model, opts, rep)       # canonicalise, fuse, search, fold
@@ -86,8 +89,18 @@ def optimize_with(frontend: Frontend, opts: Options, cost_model, stage=None) -> 
     if opts.verify:                                                     # verify
         stage("verify")
         with kernels.recording() as gemms:   # (the first run of a GEMM shape measures its schedules)
-            ok, diff, why = verify_against(frontend, artifact)
+            try:
+                ok, diff, why = verify_against(frontend, artifact)
+            except Exception as e:  # noqa: BLE001  (making the trials failed: nothing verified)
+                ok, diff, why = False, float("inf"), f"the trials could not be made ({type(e).__name__}: {first_line(e)})"
         rep.max_abs_diff, rep.gemms = diff, dict(gemms)
+        sizes = getattr(frontend, "trial_sizes", None)
+        if rep.sizes and sizes:
+            seen = []
+            for k in getattr(frontend, "trials_ran", ()):
+                if k < len(sizes) and sizes[k] and sizes[k] not in seen:
+                    seen.append(sizes[k])
+            rep.sizes["verified_at"] = seen
         if not ok:
             rep.fallback = f"verification failed: {why}; original {frontend.what} kept"
             return frontend.original, rep
@@ -205,7 +218,10 @@ def expand_composites(mg) -> tuple:
 def verify_against(frontend: Frontend, artifact) -> tuple:
     """Run the original and the artifact on every trial input set; ``(ok, max |diff|, why)``."""
     worst = 0.0
+    frontend.trials_ran = ran = []   # which trials both ran (a trial the original rejects is none)
     for k, inputs in enumerate(frontend.trials()):
+        if inputs is None:
+            continue
         try:
             expected = frontend.run(frontend.original, inputs)
         except Exception as e:  # noqa: BLE001  a random trial the model itself rejects (an index
@@ -222,6 +238,7 @@ def verify_against(frontend: Frontend, artifact) -> tuple:
         except Exception as e:  # noqa: BLE001  (outputs of a kind it cannot compare: not verified)
             return False, float("inf"), f"cannot compare the outputs ({type(e).__name__}: {e})"
         worst = max(worst, diff)
+        ran.append(k)
         if not ok:
             return False, worst, why
     return True, worst, None

@@ -26,6 +26,9 @@ class GraphReport:
     op_counts: dict = field(default_factory=dict)  # "before"/"after" -> {torch op: calls} (torch frontend)
     runtime: object = field(default=None, repr=False, compare=False)  # what runs (graphopt.runtime), with .stats
     gemms: dict = field(default_factory=dict)  # GEMM shape -> the schedule graphopt.kernels measured for it
+    # a graph with symbolic sizes: {"symbols": {name: example value}, "proved": {guard: masks},
+    # "verified_at": [{name: size}, ...]}
+    sizes: dict = field(default_factory=dict)
 
 
 # the registry's fused attention ops
@@ -151,6 +154,7 @@ class Report:
             "phases": self.phases,
             "notes": self.notes,
             "fallbacks": self.fallbacks,
+            "symbolic_sizes": [g.sizes for g in self.graphs if g.sizes],
             **({"calls": {k: v for k, v in self.calls.items() if k != "graphs"}} if self.calls else {}),
         }
 
@@ -192,6 +196,12 @@ def format_report(j: dict, title: str | None = None) -> str:
     for what, c in (j.get("gemms") or {}).items():
         lines.append(f"  GEMM schedule  {what}: {c['schedule']}, {c['ms']:.3g} ms (plain call {c['plain_ms']:.3g} ms)")
     lines.append(f"  verified       max |diff| {j['max_abs_diff']:.3g}")
+    for sz in j.get("symbolic_sizes") or ():
+        names = ", ".join(f"{k} (example {v})" for k, v in sz["symbols"].items())
+        proved = ", ".join(f"{n} {g}" for g, n in sz.get("proved", {}).items()) or "nothing"
+        at = "; ".join(", ".join(f"{k}={v}" for k, v in b.items()) for b in sz.get("verified_at", ()))
+        lines.append(f"  sizes          symbolic: {names}; masks proved for every size: {proved}; "
+                     f"verified at {len(sz.get('verified_at', ()))} size(s): {at or 'none'}")
     for n in j["notes"]:
         lines.append(f"  note           {n}")
     for f in j["fallbacks"]:

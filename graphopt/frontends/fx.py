@@ -181,8 +181,11 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
     Returns:
         an :class:`FxImport` with the IR graph and what the backend needs.
     """
+    # a graph without shape metadata (torch.fx.symbolic_trace) gets it from the examples; a
+    # captured one keeps its own (propagating concrete examples through Dynamo's symbolic
+    # sizes would add guards that specialise them, and a call returning None has none)
     if example_inputs is not None and any(_meta_value(n) is None for n in gm.graph.nodes
-                                          if n.op not in ("output",)):
+                                          if n.op == "placeholder"):
         _propagate(gm, example_inputs)
     spell = _spellings()
     g = Graph()
@@ -237,6 +240,11 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
         else:
             _opaque(imp, node)
         order.step(node, mark)
+    if g.hints:   # symbolic sizes: masks built from them are proved causal (or all-kept) here
+        from ..masks import mask_facts
+        for node, guards in mask_facts(gm).items():
+            if isinstance(imp.ref_of.get(node), str):
+                g.facts[imp.ref_of[node]] = set(guards)
     return imp
 
 
