@@ -193,7 +193,18 @@ class MaskAnalysis:
                 self.values[node] = v
 
     def guards(self, node) -> set:
+        """The guards a node's value passes for every size: ``causal``/``zeros`` for an
+        additive float mask; for a boolean mask ``causal-keep``/``zeros-keep`` when it keeps
+        the entries of the causal (or every) entry, ``causal-drop``/``zeros-drop`` when it
+        drops the others (``masked_fill``'s polarity)."""
         v = self.values.get(node)
+        if isinstance(v, BoolFn):
+            out = {f"{kind}-keep"} if (kind := classify(v)) else set()
+            if len(v.ge) == 1 and not v.eq and (kind := classify(_bool((-v.ge[0] - 1,), (), v.shape))):
+                out.add(f"{kind}-drop")
+            elif v.ge == (sympy.Integer(-1),) and not v.eq:
+                out.add("zeros-drop")
+            return out
         if not isinstance(v, Additive):
             return set()
         kind = classify(v)
@@ -245,6 +256,8 @@ class MaskAnalysis:
                 return _int(sympy.Integer(fill), shape)
             if isinstance(fill, (int, float)) and float(fill) == 0.0:
                 return ("zero", shape)
+            if isinstance(fill, float) and meta.dtype.is_floating_point:
+                return ("fill", fill, shape)
             return None
         if name in ("add", "sub", "__add__", "__sub__", "iadd") and len(args) == 2 and shape is not None:
             sign = -1 if "sub" in name else 1
@@ -271,6 +284,19 @@ class MaskAnalysis:
             if isinstance(x, IntFn) and x.expr == 0:
                 return x
             return None
+        if name in ("tril", "triu") and args:
+            return self._triangle(name, args, kw, shape)
+        if name in ("logical_not", "bitwise_not", "__invert__", "invert") and len(args) == 1:
+            x = self._get(args[0])
+            if isinstance(x, BoolFn) and len(x.ge) == 1 and not x.eq and shape is not None:
+                return _bool((-x.ge[0] - 1,), (), shape)      # not (e >= 0)  ==  -e - 1 >= 0
+            return None
+        if name in ("masked_fill", "masked_fill_") and len(args) == 3 and shape is not None:
+            x, drop, fill = self._get(args[0]), self._get(args[1]), args[2]
+            if isinstance(x, tuple) and x[0] == "zero" and isinstance(drop, BoolFn) and len(drop.ge) == 1 \
+                    and not drop.eq and isinstance(fill, (int, float)) and not isinstance(fill, bool):
+                return Additive(_bool((-drop.ge[0] - 1,), (), shape), float(fill), shape)
+            return None
         if name == "where" and len(args) == 3:
             keep = self._get(args[0])
             zero = self._get(args[1])
@@ -281,6 +307,23 @@ class MaskAnalysis:
                     and shape is not None:
                 return Additive(keep, float(fill), shape)
             return None
+        return None
+
+    def _triangle(self, name, args, kw, shape):
+        """``tril(x, k)`` keeps ``j - i <= k``, ``triu(x, k)`` keeps ``j - i >= k`` (i, j the
+        last two indices): of a boolean x, the conjunction; of a float x full of a masking
+        value, ``triu(full(fill), 1)`` is the additive causal mask (fill above the diagonal)."""
+        x = self._get(args[0])
+        k = args[1] if len(args) > 1 else kw.get("diagonal", 0)
+        if not isinstance(k, int) or isinstance(k, bool) or shape is None or len(shape) < 2:
+            return None
+        q, j = _var(-2), _var(-1)
+        keep = (q - j + k) if name == "tril" else (j - q - k)     # >= 0 where the entry is kept
+        if isinstance(x, BoolFn):
+            return _bool(x.ge + (keep,), x.eq, shape)
+        if isinstance(x, tuple) and x[0] == "fill" and name == "triu":
+            # entries kept by triu hold the fill (masked), the others are 0
+            return Additive(_bool((-keep - 1,), (), shape), x[1], shape)
         return None
 
     def _operand(self, a, shape):

@@ -388,7 +388,8 @@ def _dispatch_mode():
     return (pd._get_current_dispatch_mode() or object()) if active else None
 
 
-def optimize(model, example_inputs, capture: str = "dynamo", progress=None, **options) -> OptimizedModule:
+def optimize(model, example_inputs, capture: str = "dynamo", progress=None, dynamic: bool | None = False,
+             **options) -> OptimizedModule:
     """Optimise a torch module (or function) for the given example inputs.
 
     Args:
@@ -399,6 +400,12 @@ def optimize(model, example_inputs, capture: str = "dynamo", progress=None, **op
         progress: optional callable, called with the name of each stage as it starts
             (``"capture"``, ``"import"``, ``"search"``, ``"verify"``), e.g. a
             :class:`graphopt.progress.Stages` display.
+        dynamic: Dynamo's ``dynamic``.  False (the default): one graph per set of sizes, each
+            optimised for its sizes.  True: sizes symbolic from the start, one graph (fused and
+            verified over several sizes) for every size.  None (``torch.compile``'s default):
+            the example's sizes first, then one symbolic graph once a call brings other sizes
+            (Dynamo remembers sizes per code object: a second model of the same class may then
+            be captured symbolic at once).
         **options: see :class:`Options` (``rules``, ``cost_model``, ``alpha``,
             ``budget``, ``time_limit``, ``verify``, ``inductor``, ``seed``).
     Returns:
@@ -427,7 +434,7 @@ def optimize(model, example_inputs, capture: str = "dynamo", progress=None, **op
                                 f"{str(e).splitlines()[0] if str(e) else ''}); try capture='dynamo'") from None
         compiled = backend(gm, list(example_inputs), root=model, eager=model)
     elif capture == "dynamo":
-        compiled = torch.compile(model, backend=backend, dynamic=False)
+        compiled = torch.compile(model, backend=backend, dynamic=dynamic)
         with torch.no_grad(), _recompile_limits():
             compiled(*example_inputs)   # capture and optimise now, not at the first user call
         if not backend.report.graphs:
@@ -439,9 +446,13 @@ def optimize(model, example_inputs, capture: str = "dynamo", progress=None, **op
 
 
 class _recompile_limits:  # noqa: N801  (used as a context manager, like a function)
-    """Dynamo caches compiled code per code object: many models of one class (or one wrapper)
-    would hit its recompile limit and silently run eagerly. Raised for graphopt's captures and
-    calls (a call with grad enabled, a new dtype, compiles again)."""
+    """Dynamo settings for graphopt's captures and calls.  Dynamo caches compiled code per code
+    object: many models of one class (or one wrapper) would hit its recompile limit and
+    silently run eagerly, so the limits are raised (a call with grad enabled, a new dtype,
+    compiles again).  Python floats stay constants (``specialize_float``): otherwise a second
+    model of the same class with another head size makes Dynamo pass its attention scale as a
+    tensor input, which SDPA cannot take as its ``scale``.  Sizes still become symbolic when
+    they change (automatic dynamic shapes)."""
 
     KEYS, AT_LEAST = ("recompile_limit", "accumulated_recompile_limit"), 4096
 
@@ -450,6 +461,9 @@ class _recompile_limits:  # noqa: N801  (used as a context manager, like a funct
         self.saved = [(k, getattr(cfg, k)) for k in self.KEYS if hasattr(cfg, k) and getattr(cfg, k) < self.AT_LEAST]
         for k, _ in self.saved:
             setattr(cfg, k, self.AT_LEAST)
+        if hasattr(cfg, "specialize_float") and not cfg.specialize_float:
+            self.saved.append(("specialize_float", False))
+            cfg.specialize_float = True
 
     def __exit__(self, *exc):
         for k, v in self.saved:

@@ -208,11 +208,23 @@ def expand_composites(mg) -> tuple:
             refs.append((new.add_node(mnode, intern=not node.after), 0))
         if new.type_of(refs[-1]) != node.outs[0]:
             raise GraphoptError(f"internal error: the expansion of {node.op} changes its type")
+        _carry_mask_facts(new, node, refs)
         new.replace_uses((nid, 0), refs[-1])
         new.remove_dead({nid})
         new.redirect_after({nid}, {r[0] for r in refs})
         count += 1
     return new, count
+
+
+def _carry_mask_facts(mg, node, refs) -> None:
+    """A boolean mask proved causal (or all-kept) for every size: the additive mask its
+    ``fill_masked`` expands to (``mask_bias``) is then proved ``causal`` (``zeros``) too."""
+    if node.op != "fill_masked" or len(refs) < 2:
+        return
+    polarity = "keep" if dict(node.attrs).get("keep", True) else "drop"
+    for kind in ("causal", "zeros"):
+        if f"{kind}-{polarity}" in mg.facts.get(node.inputs[1], ()):
+            mg.facts.setdefault(refs[0], set()).add(kind)
 
 
 def verify_against(frontend: Frontend, artifact) -> tuple:

@@ -162,6 +162,12 @@ class _Ctx:
         ref = self.imp.ref_of.get(a) if isinstance(a, fx.Node) else None
         return self.imp.graph.constants.get(ref) if isinstance(ref, str) else None
 
+    def meta_shape(self, a) -> tuple | None:
+        """The shape of the tensor an fx node carries, as the IR states sizes (ints, Dims;
+        None for a size it cannot state)."""
+        v = _meta_value(a) if isinstance(a, fx.Node) else None
+        return tuple(sym_dim(d) for d in v.shape) if isinstance(v, torch.Tensor) else None
+
     @staticmethod
     def meta(a):
         """The fake tensor (or value) an fx node carries, for looking at producers."""

@@ -194,7 +194,8 @@ def same_value(args, kwargs, ctx):
     src, node = ctx.meta(args[0]), ctx.node_value()
     if not isinstance(src, torch.Tensor) or not isinstance(node, torch.Tensor):
         return None
-    if (src.dtype, src.device, tuple(src.shape)) != (node.dtype, node.device, tuple(node.shape)):
+    if (src.dtype, src.device) != (node.dtype, node.device) or ctx.meta_shape(args[0]) != ctx.meta_shape(ctx.node) \
+            or None in ctx.meta_shape(args[0]):
         return None  # a real cast or copy to another device: not an alias
     if ctx.written_in_place(args[0]):
         return None
@@ -232,7 +233,7 @@ def repeat_heads(args, kwargs, ctx):
     x = _unsqueezed(expand.args[0])
     if x is None or not ctx.is_tensor(x):
         return None
-    xs, es, out = ctx.shape(x), tuple(ctx.meta(expand).shape), tuple(ctx.out_shapes[0])
+    xs, es, out = ctx.shape(x), ctx.meta_shape(expand), tuple(ctx.out_shapes[0])
     r = len(xs)
     if r < 3 or len(es) != r + 1 or es[:r - 2] != xs[:r - 2] or es[r - 1:] != xs[r - 2:]:
         return None
