@@ -19,7 +19,8 @@ other such shapes, so nothing here is a fixed rule: :func:`gemm` computes
 
 times each once on the first call of a shape (median of a few runs after a warm-up, on
 the real operands), checks that its output equals the plain call's within the dtype's
-rounding, and uses the fastest for that shape from then on (:func:`chosen` lists them).
+rounding, and uses the fastest for that shape from then on (:func:`chosen` lists them);
+row counts up to the same power of two share one choice (:func:`rows_bucket`).
 
 Only plain eager CPU tensors with no autograd take a measured schedule, and only GEMMs
 of at least :data:`MIN_MACS` multiply-adds; under tracing (Dynamo, torch.export, fx),
@@ -84,15 +85,17 @@ def recording():
         _RECORDERS.remove(seen)
 
 
-def describe(key) -> str:
-    """A choice's key as text: ``"1024x768 @ 768x3072 +bias +GELU"`` (bf16 and so on after)."""
+def describe(key, rows: int | None = None) -> str:
+    """A choice's key as text: ``"1024x768 @ 768x3072 +bias +GELU"`` (bf16 and so on after;
+    ``rows``: the call's own row count, else the bucket's, :func:`rows_bucket`)."""
     dtype, m, k, n, bias, gelu = key[:6]
+    m = rows or m
     return (f"{m}x{k} @ {k}x{n}{' +bias' if bias else ''}{' +GELU' if gelu else ''} "
             f"{str(dtype).replace('torch.', '')}")
 
 
 def chosen() -> dict:
-    """The schedules chosen so far in this process: ``{(dtype, m, k, n, bias, gelu,
+    """The schedules chosen so far in this process: ``{(dtype, rows bucket, k, n, bias, gelu,
     threads): (name, {schedule: median ms})}``."""
     return {key[:-1]: (name, times) for key, (name, _, times) in _CHOICE.items()}
 
@@ -182,15 +185,22 @@ def _candidates(m: int, n: int, dtype, gelu: bool) -> dict:
     return out
 
 
+def rows_bucket(m: int) -> int:
+    """The row counts that share one measurement: up to the next power of two (a model
+    served at every prompt length measures a handful of row counts, not one per length;
+    every schedule computes the same products for any row count)."""
+    return 1 << max(0, (m - 1).bit_length())
+
+
 def _schedule(x, w, bias, gelu):
     m, k, n = x.shape[0], x.shape[1], w.shape[1]
-    key = (x.dtype, m, k, n, bias is not None, gelu, torch.get_num_threads(), w.stride())
+    key = (x.dtype, rows_bucket(m), k, n, bias is not None, gelu, torch.get_num_threads(), w.stride())
     hit = _CHOICE.get(key)
     if hit is None:
         hit = _CHOICE[key] = _measure(x, w, bias, gelu, _candidates(m, n, x.dtype, gelu))
     for seen in _RECORDERS:
         name, _, ms = hit
-        seen[describe(key)] = {"schedule": name, "ms": round(ms.get(name, 0.0), 3),
+        seen[describe(key, m)] = {"schedule": name, "ms": round(ms.get(name, 0.0), 3),
                                "plain_ms": round(ms.get("plain", 0.0), 3)}
     return hit[1]
 

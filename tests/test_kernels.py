@@ -58,13 +58,16 @@ def test_the_first_call_of_a_shape_measures_then_reuses(fresh):
     out = fresh.gemm(x, w, b, gelu=True)
     assert torch.allclose(out.double(), _reference(x, w, b, True), atol=1e-4)
     (key, (name, times)), = fresh.chosen().items()
-    assert key[:6] == (torch.float32, 600, 16, 20000, True, True)
+    assert key[:6] == (torch.float32, kernels.rows_bucket(600), 16, 20000, True, True) and kernels.rows_bucket(600) == 1024
     # rows in 2 and 4 (600 rows), columns in 4096 (20000 wide), oneDNN's epilogue where it exists
     assert {"plain", "rows2", "rows4", "cols4096"} <= set(times) and name in times
     calls = []
     fresh._CHOICE[next(iter(fresh._CHOICE))] = ("spy", lambda *a: calls.append(a) or kernels._plain(*a), {})
     fresh.gemm(x, w, b, gelu=True)
     assert len(calls) == 1 and len(fresh.chosen()) == 1      # the choice is reused, not measured again
+    x2 = torch.randn(777, 16)                                   # another prompt length, same bucket
+    out = fresh.gemm(x2, w, b, gelu=True)
+    assert len(calls) == 2 and len(fresh.chosen()) == 1         # no new measurement
 
 
 def test_a_schedule_that_computes_something_else_is_never_chosen(fresh, monkeypatch):
