@@ -235,6 +235,36 @@ class Dim:
     __repr__ = __str__
 
 
+def from_expression(expr):
+    """A size written as a sympy expression or a string (``"s0"``, ``"12*s0 + 12"``,
+    ONNX's ``dim_param``) as an int or a Dim, when it is a polynomial with non-negative
+    integer coefficients in its symbols; None otherwise (``s0 - 1``, ``s0 // 2``)."""
+    import sympy
+    if isinstance(expr, str):
+        try:
+            expr = sympy.sympify(expr, locals={n: sympy.Symbol(n) for n in re.findall(r"[A-Za-z_]\w*", expr)})
+        except (sympy.SympifyError, SyntaxError, TypeError):
+            return None
+    if expr.is_Integer:
+        return int(expr)
+    terms, const = {}, 0
+    for mono, coeff in sympy.expand(expr).as_coefficients_dict().items():
+        if not coeff.is_Integer or coeff < 0:
+            return None
+        if mono == 1:
+            const += int(coeff)
+            continue
+        names = []
+        for f in sympy.Mul.make_args(mono):
+            base, exp = f.as_base_exp()
+            if not (base.is_Symbol and exp.is_Integer and exp > 0) or not re.fullmatch(r"[A-Za-z_]\w*", str(base)):
+                return None
+            names += [str(base)] * int(exp)
+        key = "*".join(sorted(names))
+        terms[key] = terms.get(key, 0) + int(coeff)
+    return plain(Dim(tuple(terms.items()), const))
+
+
 def plain(d):
     """A dimension as the IR's working graphs store it: an int when it is one, else the Dim."""
     d = Dim.of(d)

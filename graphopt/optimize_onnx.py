@@ -71,6 +71,10 @@ def _attach(model, report: Report) -> None:
     entry.key, entry.value = REPORT_KEY, json.dumps(report.to_json())
 
 
+# the sizes a dynamic axis is verified at besides 2 (and the size it is costed at)
+DYNAMIC_SIZES = (1, 5, 11)
+
+
 class OnnxFrontend:
     """The pipeline's view of an ONNX model (see :mod:`graphopt.pipeline`)."""
 
@@ -103,7 +107,17 @@ class OnnxFrontend:
         return result
 
     def trials(self) -> list:
-        return [random_inputs(self.original, seed=self.opts.seed + t) for t in range(1 + self.opts.verify_trials)]
+        """Random inputs of the declared shapes; a model with dynamic axes is also tried with
+        them at other sizes (1, 5, 11, and the size they are costed at)."""
+        from .frontends.onnx import SYMBOL_HINT, dynamic_axes
+        trials = [random_inputs(self.original, seed=self.opts.seed + t) for t in range(1 + self.opts.verify_trials)]
+        symbols = sorted(dynamic_axes(self.original))
+        self.trial_sizes = [{s: 2 for s in symbols}] * len(trials) if symbols else []
+        if symbols:
+            for k, size in enumerate(DYNAMIC_SIZES + (SYMBOL_HINT,)):
+                trials.append(random_inputs(self.original, seed=self.opts.seed + 100 + k, dynamic=size))
+                self.trial_sizes.append({s: size for s in symbols})
+        return trials
 
     def run(self, model, feeds) -> list:
         key = id(model)

@@ -261,3 +261,37 @@ def test_generation_with_the_dynamic_cache_is_fused_at_every_step(arch):
     assert len(LAST_REPORTS) <= 3 and all(not r.fallbacks for r in LAST_REPORTS), [str(r) for r in LAST_REPORTS]
     decode = LAST_REPORTS[-1].to_json()["symbolic_sizes"]
     assert decode and decode[0]["proved"].get("zeros"), decode   # one query sees every cached key
+
+
+# -- ONNX with dynamic axes ---------------------------------------------------------------
+
+def test_an_onnx_export_with_dynamic_axes_is_fused_and_keeps_them(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    ort = pytest.importorskip("onnxruntime")
+    import warnings
+
+    import numpy as np
+
+    from graphopt.models import Logits
+    from graphopt.optimize_onnx import onnx_report, optimize_onnx
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=100, attn_implementation="eager")
+    model = Logits(transformers.GPT2LMHeadModel(cfg).eval()).eval()
+    path = tmp_path / "dyn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (torch.randint(0, 100, (1, 16)),), str(path), dynamo=True, opset_version=23,
+                          dynamic_shapes=({1: torch.export.Dim("seq")},), verbose=False)
+    out = optimize_onnx(str(path))
+    report = onnx_report(out)
+    assert not report["fallbacks"], report
+    assert [n.op_type for n in out.graph.node].count("Attention") == 2
+    assert [d.dim_param for d in out.graph.input[0].type.tensor_type.shape.dim][1] == "seq"
+    onnx.checker.check_model(out, full_check=True)
+    sizes = report["symbolic_sizes"][0]
+    assert sizes["symbols"] == {"seq": 128} and len(sizes["verified_at"]) >= 4, sizes
+    a, b = ort.InferenceSession(str(path)), ort.InferenceSession(out.SerializeToString())
+    for t in (1, 7, 33):
+        ids = np.random.default_rng(t).integers(0, 100, (1, t)).astype(np.int64)
+        np.testing.assert_allclose(b.run(None, {"input_ids": ids})[0], a.run(None, {"input_ids": ids})[0],
+                                   rtol=1e-4, atol=1e-5)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..dims import Dim, plain
 from ..errors import GraphoptError
 from ..ir import OPAQUE, Graph, node_ref
 from ..ops import get_op
@@ -28,6 +29,8 @@ class Builder:
         self.values: dict = {}           # ONNX name -> constant numpy value (for scales)
         self.taken = set(taken)
         self._k = 0
+        self.sources: dict = {}          # dim_param -> (graph input name, axis): where it is read
+        self._dim_names: dict = {}       # Dim -> name of its 1-element int64 tensor
 
     def fresh(self, hint: str = "t") -> str:
         while True:
@@ -52,6 +55,38 @@ class Builder:
     def shape(self, name: str) -> tuple:
         return self.shapes[name]
 
+    def dims(self, sizes, hint: str = "shape") -> str:
+        """A 1-D int64 tensor of ``sizes``: a constant when all are numbers; else the symbolic
+        ones read at run time (``Shape`` of the graph input whose axis is that dim_param,
+        times and plus constants) and concatenated."""
+        sizes = [d if isinstance(d, Dim) and d.terms else int(d) for d in sizes]
+        if all(isinstance(d, int) for d in sizes):
+            return self.const(np.array(sizes, dtype=np.int64), hint)
+        parts = [self._dim(d) if isinstance(d, Dim) else self.const(np.array([d], dtype=np.int64), hint)
+                 for d in sizes]
+        return parts[0] if len(parts) == 1 else self.node("Concat", parts, 1, axis=0)[0]
+
+    def _dim(self, d: Dim) -> str:
+        if d in self._dim_names:
+            return self._dim_names[d]
+        total = None
+        for term, coeff in d.terms:
+            value = None
+            for f in term.split("*"):
+                src = self.sources.get(f)
+                if src is None:
+                    raise GraphoptError(f"the symbolic size {f} is not an axis of a graph input")
+                name, axis = src
+                s = self.node("Shape", [name], 1, start=axis, end=axis + 1)[0]
+                value = s if value is None else self.node("Mul", [value, s], 1)[0]
+            if coeff != 1:
+                value = self.node("Mul", [value, self.const(np.array([coeff], dtype=np.int64))], 1)[0]
+            total = value if total is None else self.node("Add", [total, value], 1)[0]
+        if d.const:
+            total = self.node("Add", [total, self.const(np.array([d.const], dtype=np.int64))], 1)[0]
+        self._dim_names[d] = total
+        return total
+
     def const_value(self, name: str):
         return self.values.get(name)
 
@@ -68,6 +103,8 @@ def export_onnx(imp, graph: Graph):
     taken = {n for node in src.graph.node for n in list(node.input) + list(node.output)}
     taken |= {i.name for i in src.graph.input} | {i.name for i in src.graph.initializer}
     b = Builder(graph, imp.opset, taken)
+    from ..frontends.onnx import dynamic_axes
+    b.sources = {sym: places[0] for sym, places in dynamic_axes(src).items()}
     name_of: dict = {}   # IR ref -> ONNX name
     out_names = [o.name for o in src.graph.output]
     tracked_outs = [o for o in out_names if o in imp.ref_of]  # graph.outputs, by their ONNX names
@@ -79,7 +116,7 @@ def export_onnx(imp, graph: Graph):
     def record(ref, name):
         name_of[ref] = name
         shape, dtype = graph.type_of(ref)
-        b.shapes[name] = tuple(d.const for d in shape)
+        b.shapes[name] = tuple(plain(d) for d in shape)
         b.dtypes[name] = "float16" if dtype == "bfloat16" else dtype
 
     graph_inputs = {i.name for i in src.graph.input}

@@ -90,23 +90,10 @@ def sym_dim(d, hints: dict | None = None):
     expr = node.expr
     if expr.is_Integer:
         return int(expr)
-    import sympy
-    from ..dims import Dim, plain
-    terms, const = {}, 0
-    for mono, coeff in expr.expand().as_coefficients_dict().items():
-        if not coeff.is_Integer or coeff < 0:
-            return None
-        if mono == 1:
-            const += int(coeff)
-            continue
-        names = []
-        for f in sympy.Mul.make_args(mono):
-            base, exp = f.as_base_exp()
-            if not (base.is_Symbol and exp.is_Integer and exp > 0):
-                return None
-            names += [str(base)] * int(exp)
-        key = "*".join(sorted(names))
-        terms[key] = terms.get(key, 0) + int(coeff)
+    from ..dims import from_expression
+    out = from_expression(expr)
+    if out is None:
+        return None
     env = node.shape_env
     for sym in expr.free_symbols:
         value = getattr(env, "backed_var_to_val", getattr(env, "var_to_val", {})).get(sym) \
@@ -115,7 +102,7 @@ def sym_dim(d, hints: dict | None = None):
             return None     # an unbacked size (data-dependent): nothing to cost or verify with
         if hints is not None:
             hints[str(sym)] = int(value)
-    return plain(Dim(tuple(terms.items()), const))
+    return out
 
 
 def _spellings() -> dict:

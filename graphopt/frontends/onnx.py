@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from ..dims import from_expression, plain
 from ..errors import GraphoptError, first_line
 from ..ir import Graph
 from ..ops import REGISTRY
@@ -149,13 +150,45 @@ def _types(model) -> dict:
         dtype = _ELEM.get(tt.elem_type)
         if dtype is None or not tt.HasField("shape"):
             continue
-        dims = [d.dim_value if d.HasField("dim_value") else None for d in tt.shape.dim]
+        dims = [d.dim_value if d.HasField("dim_value") else from_expression(d.dim_param) if d.dim_param
+                else None for d in tt.shape.dim]
         out[vi.name] = (None if any(d is None for d in dims) else tuple(dims), dtype)
     for init in g.initializer:
         dtype = _ELEM.get(init.data_type)
         if dtype:
             out[init.name] = (tuple(init.dims), dtype)
     return out
+
+
+# the size a symbolic axis (a dim_param) is costed at: ONNX gives no example value
+SYMBOL_HINT = 128
+
+
+def dynamic_axes(model) -> dict:
+    """dim_param of the model's inputs -> [(input name, axis), ...] where it occurs."""
+    out: dict = {}
+    inits = {i.name for i in model.graph.initializer}
+    for vi in model.graph.input:
+        if vi.name in inits:
+            continue
+        for k, d in enumerate(vi.type.tensor_type.shape.dim):
+            if d.dim_param and not d.HasField("dim_value"):
+                out.setdefault(d.dim_param, []).append((vi.name, k))
+    return out
+
+
+def _symbolic_shapes(model):
+    """Shapes with the dynamic axes propagated as expressions of the inputs' dim_params
+    (``seq``, ``4*seq``) through Reshape, Shape and Concat: onnxruntime's symbolic shape
+    inference (the maintained tool for it); the plain inference's shapes when it fails."""
+    try:
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+        import contextlib, io
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=False)
+        return inferred if inferred is not None else model
+    except Exception:  # noqa: BLE001  (an op it does not know: those sizes stay unknown)
+        return model
 
 
 def _outer_names(node) -> list:
@@ -187,9 +220,13 @@ def import_onnx(model) -> OnnxImport:
         model = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception as e:  # noqa: BLE001
         raise GraphoptError(f"ONNX shape inference failed: {str(e).strip().splitlines()[0]}") from None
+    symbols = dynamic_axes(model)
+    if symbols:
+        model = _symbolic_shapes(model)
     g_in = model.graph
     imp = OnnxImport(Graph(), model, opset=default_opset(model), counts={"ops": 0, "opaque": 0})
     g, types = imp.graph, _types(model)
+    g.hints = {name: SYMBOL_HINT for name in symbols}
     consts: dict = {}
     names: set = set()
     for init in g_in.initializer:
@@ -317,7 +354,7 @@ def _registry_op(imp, node, attrs, types, consts, spell, names, producers) -> bo
                 del g.nodes[mark:]
                 continue
             out_refs = out if isinstance(out, tuple) else (out,)
-            got = [(tuple(d.const for d in s), dt) for s, dt in (g.type_of(r) for r in out_refs)]
+            got = [(tuple(plain(d) for d in s), dt) for s, dt in (g.type_of(r) for r in out_refs)]
             if got != [tuple(t) for t in outs]:
                 del g.nodes[mark:]
                 continue

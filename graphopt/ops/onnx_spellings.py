@@ -191,7 +191,7 @@ def emit_permute(b, ins, attrs, outs):
 
 
 def emit_reshape(b, ins, attrs, outs):
-    b.node("Reshape", [ins[0], b.const(np.array([int(d) for d in attrs["shape"]], dtype=np.int64))], outs)
+    b.node("Reshape", [ins[0], b.dims(attrs["shape"])], outs)
 
 
 def emit_concat(b, ins, attrs, outs):
@@ -201,8 +201,8 @@ def emit_concat(b, ins, attrs, outs):
 def emit_split(b, ins, attrs, outs):
     shape = b.shape(ins[0])
     axis = attrs["axis"] % len(shape)
-    left = int(attrs["left"])
-    b.node("Split", [ins[0], b.const(np.array([left, shape[axis] - left], dtype=np.int64))], outs, axis=axis)
+    left = attrs["left"]
+    b.node("Split", [ins[0], b.dims([left, shape[axis] - left])], outs, axis=axis)
 
 
 def emit_reduce_sum(b, ins, attrs, outs):
@@ -227,8 +227,8 @@ def emit_repeat_heads(b, ins, attrs, outs):
     g, heads = shape[-3], int(attrs["heads"])
     wide = list(shape[:-3]) + [g, heads // g] + list(shape[-2:])
     un = b.node("Unsqueeze", [ins[0], b.const(np.array([len(shape) - 2], dtype=np.int64))], 1)
-    ex = b.node("Expand", [un[0], b.const(np.array(wide, dtype=np.int64))], 1)
-    b.node("Reshape", [ex[0], b.const(np.array(list(shape[:-3]) + [heads] + list(shape[-2:]), dtype=np.int64))], outs)
+    ex = b.node("Expand", [un[0], b.dims(wide)], 1)
+    b.node("Reshape", [ex[0], b.dims(list(shape[:-3]) + [heads] + list(shape[-2:]))], outs)
 
 
 def emit_attention(masked: bool):
