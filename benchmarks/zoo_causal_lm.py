@@ -75,7 +75,10 @@ def _max_diff(a, b) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-def one(arch: str, dtype_name: str, export: bool) -> dict:
+LENGTHS = (T, 53, 90)   # --dynamic: one symbolic graph called at these prompt lengths
+
+
+def one(arch: str, dtype_name: str, export: bool, dynamic: bool = False) -> dict:
     """Build, optimise and check one architecture (in this process)."""
     import warnings
     warnings.filterwarnings("ignore")
@@ -107,11 +110,12 @@ def one(arch: str, dtype_name: str, export: bool) -> dict:
     with torch.no_grad():
         ref_fresh = model(fresh)
     tol = 1e-3 if dtype_name == "float32" else 5e-2
-    for capture in ("dynamo", "export") if export else ("dynamo",):
+    for capture in ("dynamo",) + (("export",) if export else ()) + (("dynamic",) if dynamic else ()):
         res = {}
         try:
             t = time.perf_counter()
-            fast = graphopt.optimize(model, (ids,), capture=capture)
+            fast = graphopt.optimize(model, (ids,), capture="export" if capture == "export" else "dynamo",
+                                     dynamic=capture == "dynamic")
             res["s"] = round(time.perf_counter() - t, 1)
             rep = fast.report
             res["attention"] = rep.attention
@@ -120,10 +124,17 @@ def one(arch: str, dtype_name: str, export: bool) -> dict:
             with torch.no_grad():
                 scale = max(1.0, float(ref.float().abs().max()))
                 res["diff"] = max(_max_diff(fast(ids), ref), _max_diff(fast(fresh), ref_fresh)) / scale
+                last = ids
+                if capture == "dynamic":      # other prompt lengths: the same symbolic graph
+                    for n in LENGTHS[1:]:
+                        last = torch.randint(1, VOCAB, (1, n))
+                        res["diff"] = max(res["diff"], _max_diff(fast(last), model(last)) / scale)
+                    res["graphs"] = len(fast.report.graphs)
+                    res["sizes"] = fast.report.to_json()["symbolic_sizes"]
                 res["equal"] = res["diff"] <= tol
-                fast(ids)                     # warm-up, then count what runs
+                fast(last)                    # warm-up, then count what runs
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
-                    fast(ids)
+                    fast(last)
             ev = {e.key: e.count for e in prof.key_averages()}
             res["kernels"] = {"softmax": ev.get("aten::_softmax", 0) + ev.get("aten::_safe_softmax", 0),
                               "sdpa": sum(v for k, v in ev.items() if k.startswith("aten::_scaled_dot_product"))}
@@ -135,8 +146,9 @@ def one(arch: str, dtype_name: str, export: bool) -> dict:
     return row
 
 
-def _child(arch, dtype, export, timeout) -> dict:
-    cmd = [sys.executable, __file__, "--one", arch, "--dtype", dtype] + (["--export"] if export else [])
+def _child(arch, dtype, export, timeout, dynamic=False) -> dict:
+    cmd = [sys.executable, __file__, "--one", arch, "--dtype", dtype] + (["--export"] if export else []) \
+        + (["--dynamic"] if dynamic else [])
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -189,6 +201,8 @@ def main(argv=None) -> None:
     ap.add_argument("archs", nargs="*")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     ap.add_argument("--export", action="store_true", help="also capture with torch.export")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="also optimize with symbolic sizes (dynamic=True) and call at prompt lengths 37, 53, 90")
     ap.add_argument("--jobs", type=int, default=1)
     ap.add_argument("--timeout", type=int, default=600)
     ap.add_argument("--out", help="also append the JSON lines to this file")
@@ -196,7 +210,7 @@ def main(argv=None) -> None:
     ap.add_argument("--table", help="print the markdown table of a JSON-lines file and exit")
     args = ap.parse_args(argv)
     if args.one:
-        print(json.dumps(one(args.one, args.dtype, args.export)), flush=True)
+        print(json.dumps(one(args.one, args.dtype, args.export, args.dynamic)), flush=True)
         return
     if args.table:
         rows = [json.loads(x) for x in open(args.table) if x.startswith("{\"arch\"")]
@@ -209,7 +223,7 @@ def main(argv=None) -> None:
     rows = []
     out = open(args.out, "a") if args.out else None
     with ThreadPoolExecutor(args.jobs) as pool:
-        for row in pool.map(lambda a: _child(a, args.dtype, args.export, args.timeout), archs):
+        for row in pool.map(lambda a: _child(a, args.dtype, args.export, args.timeout, args.dynamic), archs):
             rows.append(row)
             line = json.dumps(row)
             print(line, flush=True)
@@ -217,6 +231,8 @@ def main(argv=None) -> None:
                 out.write(line + "\n")
                 out.flush()
     print(json.dumps(summary(rows)), flush=True)
+    if args.dynamic:
+        print(json.dumps(summary(rows, "dynamic")), flush=True)
 
 
 if __name__ == "__main__":

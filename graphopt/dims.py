@@ -277,6 +277,33 @@ def hint_of(d) -> int:
 
 
 _HINTS: ContextVar = ContextVar("graphopt_size_hints", default={})
+_REFUSED: ContextVar = ContextVar("graphopt_refused_sizes", default=None)
+
+
+def refused() -> set:
+    """Within :func:`size_hints`: the size equations of rules that held at the example's sizes
+    but not for every size (``"a+64 = s0"``), so the rule was not applied there."""
+    out = _REFUSED.get()
+    return set() if out is None else out
+
+
+def _note_refused(d, v, known, factor) -> None:
+    """Record an equation that failed symbolically but holds at the hints (a rule whose side
+    condition depends on a symbolic size, refused)."""
+    seen = _REFUSED.get()
+    if seen is None:
+        return
+    try:
+        v_hint = Dim.of(v).hint()
+        if factor is None:
+            holds = Dim.of(known).hint() == v_hint
+        else:
+            left, f = v_hint - Dim.of(known).hint(), Dim.of(factor).hint()
+            holds = left > 0 and f > 0 and left % f == 0
+    except ValueError:
+        return
+    if holds:
+        seen.add(f"{d} = {v}")
 
 
 @contextmanager
@@ -289,10 +316,12 @@ def size_hints(hints: Mapping[str, int]):
         480
     """
     token = _HINTS.set({**_HINTS.get(), **hints})
+    refused_token = _REFUSED.set(set())
     try:
         yield
     finally:
         _HINTS.reset(token)
+        _REFUSED.reset(refused_token)
 
 
 def _product(values) -> int:
@@ -384,6 +413,8 @@ def solve(pairs, binding: Mapping | None = None):
                                                  for f in factors(s) if f in out)
             if not unknown:
                 if (plain(d.substitute(out)) if symbolic else d.evaluate(out)) != v:
+                    if symbolic:
+                        _note_refused(d, v, d.substitute(out), None)
                     return None
                 progress = True
                 continue
@@ -400,6 +431,7 @@ def solve(pairs, binding: Mapping | None = None):
                     left = Dim.of(v) if known == 0 else Dim.of(v).minus(known)
                     value = None if left is None else left.divide(factor)
                     if value is None or value == 0:
+                        _note_refused(d, v, known, factor)
                         return None
                     out[missing[0]] = plain(value)
                 else:

@@ -259,7 +259,8 @@ class MaskAnalysis:
             if isinstance(fill, float) and meta.dtype.is_floating_point:
                 return ("fill", fill, shape)
             return None
-        if name in ("add", "sub", "__add__", "__sub__", "iadd") and len(args) == 2 and shape is not None:
+        if name in ("add", "sub", "__add__", "__sub__", "iadd") and len(args) == 2 and shape is not None \
+                and not kw:      # (add(x, y, alpha=a) is not read)
             sign = -1 if "sub" in name else 1
             return self._affine(args[0], args[1], sign, shape)
         if name in ("__radd__",) and len(args) == 2 and shape is not None:
@@ -275,6 +276,18 @@ class MaskAnalysis:
         if name in ("expand", "expand_as", "broadcast_to", "unsqueeze", "view", "reshape", "getitem",
                     "__getitem__", "index", "squeeze"):
             return self._layout(node, name, args, shape)
+        if name == "slice" and args:        # aten.slice(x, dim, start, end, step): x[..., start:end]
+            x, src = self._get(args[0]), _shape(args[0])
+            dim = args[1] if len(args) > 1 else kw.get("dim", 0)
+            start = args[2] if len(args) > 2 else kw.get("start")
+            step = args[4] if len(args) > 4 else kw.get("step", 1)
+            if x is None or src is None or shape is None or not isinstance(dim, int) or step != 1 \
+                    or not (start is None or (isinstance(start, int) and start >= 0)) or len(src) != len(shape):
+                return None
+            axis = dim % len(src)
+            subs = {_var(k - len(src)): _var(k - len(shape)) + ((start or 0) if k == axis else 0)
+                    for k in range(len(src))}
+            return self._substitute(x, subs, shape)
         if name == "diff":
             return self._diff(args, kw, shape)
         if name == "cumsum":

@@ -400,7 +400,8 @@ def optimize(model, example_inputs, capture: str = "dynamo", progress=None, dyna
         progress: optional callable, called with the name of each stage as it starts
             (``"capture"``, ``"import"``, ``"search"``, ``"verify"``), e.g. a
             :class:`graphopt.progress.Stages` display.
-        dynamic: Dynamo's ``dynamic``.  False (the default): one graph per set of sizes, each
+        dynamic: Dynamo's ``dynamic`` (with ``capture="export"``, True exports every axis as
+            ``Dim.AUTO``).  False (the default): one graph per set of sizes, each
             optimised for its sizes.  True: sizes symbolic from the start, one graph (fused and
             verified over several sizes) for every size.  None (``torch.compile``'s default):
             the example's sizes first, then one symbolic graph once a call brings other sizes
@@ -428,7 +429,12 @@ def optimize(model, example_inputs, capture: str = "dynamo", progress=None, dyna
         progress("capture")
     if capture == "export":
         try:
-            gm = torch.export.export(model, example_inputs).module()
+            shapes = None
+            if dynamic:   # every axis of every tensor input may be symbolic; export keeps what must be static
+                auto = torch.export.Dim.AUTO
+                shapes = tuple({k: auto for k in range(x.dim())} if isinstance(x, torch.Tensor) else None
+                               for x in example_inputs)
+            gm = torch.export.export(model, example_inputs, dynamic_shapes=shapes).module()
         except Exception as e:
             raise GraphoptError(f"torch.export could not capture the model ({type(e).__name__}: "
                                 f"{str(e).splitlines()[0] if str(e) else ''}); try capture='dynamo'") from None

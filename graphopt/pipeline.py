@@ -114,9 +114,12 @@ def transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):
     Returns:
         the optimised IR graph, or None when nothing was rewritten.
     """
-    from .dims import size_hints
+    from .dims import refused, size_hints
     with size_hints(graph.hints):
-        return _transform(graph, plan, cost_model, opts, rep)
+        out = _transform(graph, plan, cost_model, opts, rep)
+        if rep.sizes:   # rules that held at the example's sizes only: not applied there
+            rep.sizes["not_for_every_size"] = sorted(refused())
+        return out
 
 
 def _transform(graph, plan: list, cost_model, opts: Options, rep: GraphReport):

@@ -202,6 +202,11 @@ def format_report(j: dict, title: str | None = None) -> str:
         at = "; ".join(", ".join(f"{k}={v}" for k, v in b.items()) for b in sz.get("verified_at", ()))
         lines.append(f"  sizes          symbolic: {names}; masks proved for every size: {proved}; "
                      f"verified at {len(sz.get('verified_at', ()))} size(s): {at or 'none'}")
+        refused = sz.get("not_for_every_size") or []
+        if refused:
+            lines.append(f"  sizes          {len(refused)} rule size condition(s) held at the example's sizes "
+                         f"but not for every size, not applied: {', '.join(refused[:4])}"
+                         + (" ..." if len(refused) > 4 else ""))
     for n in j["notes"]:
         lines.append(f"  note           {n}")
     for f in j["fallbacks"]:

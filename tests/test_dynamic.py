@@ -43,6 +43,16 @@ def test_rule_symbols_unify_with_symbolic_sizes_only_for_every_size():
     assert solve([(Dim.parse("a"), s), (Dim.parse("a"), 5)]) is None
 
 
+def test_a_size_condition_that_holds_at_the_example_only_is_counted():
+    from graphopt.dims import refused
+    s = Dim.sym("s0")
+    with size_hints({"s0": 100}):
+        assert solve([(Dim.parse("a+64"), s)]) is None          # 100 - 64 > 0, but not for every s0
+        assert solve([(Dim.parse("a+128"), s)]) is None         # fails at the example too: not counted
+        assert refused() == {"a+64 = s0"}
+    assert refused() == set()
+
+
 # -- masks read symbolically -----------------------------------------------------------
 
 def _captured(fn, *example):
@@ -177,6 +187,21 @@ def test_a_runtime_padding_mask_is_fused_as_attn_mask():
     assert len(reports) == 1 and not reports[0].fallbacks, [str(r) for r in reports]
     a = reports[0].attention
     assert a["fused"] == a["masked"] == 1, a
+
+
+def test_torch_export_with_symbolic_sizes_is_fused_causal():
+    """torch.export's ATen graph with a symbolic length (``dynamic=True``: every axis
+    ``Dim.AUTO``): the mask's aten calls are read symbolically too."""
+    model = Attention("arange").eval()
+    fast = graphopt.optimize(model, (torch.randn(2, 6, 16),), capture="export", dynamic=True)
+    rep = fast.report
+    assert not rep.fallbacks and rep.attention["fused"] == rep.attention["causal"] == 1, rep
+    assert rep.to_json()["symbolic_sizes"], rep
+    for t in (3, 9, 40):
+        x = torch.randn(2, t, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), model(x), rtol=1e-5, atol=1e-5)
+    assert fast.stats()["optimized"] == 3, fast.stats()
 
 
 def test_verification_at_other_sizes_keeps_the_original(monkeypatch):
