@@ -2,7 +2,7 @@
 KV cache, and variable-length serving (GPT-2-small, 12 layers, random weights, eager
 attention; nothing downloaded).
 
-    python benchmarks/bench_dynamic.py generate [--prompt 128] [--new-tokens 60] [--runs 3]
+    python benchmarks/bench_dynamic.py generate [--prompt 128] [--new-tokens 60] [--runs 3] [--variants ...]
     python benchmarks/bench_dynamic.py serving [--prompts 20] [--min-len 64] [--max-len 1024]
     python benchmarks/bench_dynamic.py onnx [--seq-len 128 512 1024] [--runs 5]
 
@@ -102,6 +102,11 @@ def generate(args):
     variants = [("eager", None, {}), ("eager, static cache", None, {"cache_implementation": "static"}),
                 ("graphopt", "graphopt", {}), ("graphopt, static cache", "graphopt", {"cache_implementation": "static"}),
                 ("graphopt+inductor", "graphopt+inductor", {}), ("inductor", "inductor", {})]
+    if args.variants:
+        unknown = set(args.variants) - {v[0] for v in variants}
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {sorted(unknown)}: choose from {[v[0] for v in variants]}")
+        variants = [v for v in variants if v[0] == "eager" or v[0] in args.variants]
     rows, eager_forward = [], model.forward
     with torch.no_grad():
         for name, backend, extra in variants:
@@ -231,6 +236,7 @@ def main():
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new-tokens", type=int, default=60)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--variants", nargs="+", help="generate: only these (and eager), e.g. graphopt graphopt+inductor")
     ap.add_argument("--prompts", type=int, default=20)
     ap.add_argument("--min-len", type=int, default=64)
     ap.add_argument("--max-len", type=int, default=1024)

@@ -230,7 +230,10 @@ def _at_sizes(phs, example_inputs, constants, binding, gen):
     for ph, t, constant in zip(phs, example_inputs, constants):
         v = _meta_value(ph)
         if isinstance(v, torch.SymInt):
-            out.append(int(v.node.expr.xreplace(binding)))
+            size = v.node.expr.xreplace(binding)   # (a sympy Integer, or a python int for a bare symbol)
+            if not (isinstance(size, int) or getattr(size, "is_Integer", False)) or int(size) < 0:
+                return None
+            out.append(int(size))
             continue
         if not isinstance(v, torch.Tensor) or not isinstance(t, torch.Tensor) or \
                 all(isinstance(d, int) for d in v.shape):
@@ -239,6 +242,8 @@ def _at_sizes(phs, example_inputs, constants, binding, gen):
         if isinstance(t, torch.nn.Parameter) or constant:
             return None
         shape = tuple(int(d.node.expr.xreplace(binding)) if isinstance(d, torch.SymInt) else d for d in v.shape)
+        if any(d < 0 for d in shape):
+            return None     # (a size such as s0 - 2 at s0 = 1: no such input)
         out.append(_random_like(t, shape, gen))
     return out
 
