@@ -241,9 +241,11 @@ def from_expression(expr):
     integer coefficients in its symbols; None otherwise (``s0 - 1``, ``s0 // 2``)."""
     import sympy
     if isinstance(expr, str):
+        if not re.fullmatch(r"[A-Za-z0-9_\s+*]+", expr):   # only sums and products are read (sympify evaluates)
+            return None
         try:
             expr = sympy.sympify(expr, locals={n: sympy.Symbol(n) for n in re.findall(r"[A-Za-z_]\w*", expr)})
-        except (sympy.SympifyError, SyntaxError, TypeError):
+        except Exception:  # noqa: BLE001  (not an expression sympy reads: not a size)
             return None
     if expr.is_Integer:
         return int(expr)

@@ -61,9 +61,24 @@ class Additive:
     shape: tuple
 
 
+def _positive(d) -> bool:
+    """Every symbol of a SymInt is at least 1 (its shape environment's range says so): the
+    proofs below assume it.  A symbolic int that may be 0 or negative is not read."""
+    env = d.node.shape_env
+    ranges = getattr(env, "var_to_range", None) or {}
+    for sym in d.node.expr.free_symbols:
+        r = ranges.get(sym)
+        try:
+            if r is None or not r.lower >= 1:
+                return False
+        except TypeError:
+            return False
+    return True
+
+
 def _size(d):
     if isinstance(d, torch.SymInt):
-        return d.node.expr
+        return d.node.expr if _positive(d) else None
     if isinstance(d, int):
         return sympy.Integer(d)
     return None
@@ -86,7 +101,7 @@ def _scalar(a):
     if isinstance(a, fx.Node):
         v = a.meta.get("val", a.meta.get("example_value"))
         if isinstance(v, torch.SymInt):
-            return v.node.expr
+            return v.node.expr if _positive(v) else None
         if isinstance(v, int) and not isinstance(v, bool):
             return sympy.Integer(v)
     return None
@@ -153,8 +168,11 @@ def _nonneg(e) -> bool:
     if e.is_number:
         return bool(e >= 0)
     shifted = {s: s + 1 for s in e.free_symbols}
-    poly = sympy.Poly(sympy.expand(e.subs(shifted, simultaneous=True)), *sorted(e.free_symbols, key=str))
-    return all(c >= 0 for c in poly.coeffs())
+    try:
+        poly = sympy.Poly(sympy.expand(e.subs(shifted, simultaneous=True)), *sorted(e.free_symbols, key=str))
+        return all(bool(c >= 0) for c in poly.coeffs())
+    except (sympy.PolynomialError, TypeError, ValueError):   # (floor division, Max, ...): not proved
+        return False
 
 
 def classify(value) -> str | None:
@@ -182,9 +200,19 @@ class MaskAnalysis:
     """Reads the fx nodes of a graph symbolically (memoised); :meth:`guards` says which
     guards a node's value passes for every size."""
 
-    def __init__(self, gm: fx.GraphModule):
+    def __init__(self, gm: fx.GraphModule, written=()):
+        """``written``: nodes an in-place call changes (the importer's ``FxImport.written``);
+        they, and everything computed from them (a view of a tensor written later), are
+        not read."""
         self.values: dict = {}
+        tainted = set(written)      # written in place: the operands, and what they view
         for node in gm.graph.nodes:
+            if _writes(node) and node.args:
+                tainted.update(_view_chain(node.args[0]))
+        for node in gm.graph.nodes:   # ... and everything computed from them, before or after the write
+            if node in tainted or _writes(node) or any(a in tainted for a in node.all_input_nodes):
+                tainted.add(node)
+                continue
             try:
                 v = self._eval(node)
             except (TypeError, ValueError, AttributeError, IndexError, sympy.SympifyError):
@@ -198,7 +226,10 @@ class MaskAnalysis:
         the entries of the causal (or every) entry, ``causal-drop``/``zeros-drop`` when it
         drops the others (``masked_fill``'s polarity)."""
         v = self.values.get(node)
+        meta = node.meta.get("val", node.meta.get("example_value"))
         if isinstance(v, BoolFn):
+            if not isinstance(meta, torch.Tensor) or meta.dtype != torch.bool:
+                return set()
             out = {f"{kind}-keep"} if (kind := classify(v)) else set()
             if len(v.ge) == 1 and not v.eq and (kind := classify(_bool((-v.ge[0] - 1,), (), v.shape))):
                 out.add(f"{kind}-drop")
@@ -250,8 +281,12 @@ class MaskAnalysis:
             if fill is None:
                 fill = args[-1] if args else kw.get("fill_value")
             meta = node.meta.get("val", node.meta.get("example_value"))
-            if isinstance(fill, bool) or (isinstance(fill, int) and meta.dtype == torch.bool):
+            if not isinstance(meta, torch.Tensor):
+                return None
+            if meta.dtype == torch.bool and isinstance(fill, (bool, int)):
                 return _bool((), (), shape) if fill else _bool((sympy.Integer(-1),), (), shape)
+            if isinstance(fill, bool):
+                fill = int(fill)
             if isinstance(fill, int) and not meta.dtype.is_floating_point:
                 return _int(sympy.Integer(fill), shape)
             if isinstance(fill, (int, float)) and float(fill) == 0.0:
@@ -458,8 +493,8 @@ class MaskAnalysis:
         subs = {}
         for k, e in enumerate(index):
             ix = self._get(e)
-            if not isinstance(ix, IntFn):
-                return None
+            if not isinstance(ix, IntFn) or not _always(ix.expr, ix.shape):
+                return None     # (a negative index reads from the end)
             off = len(shape) - len(ix.shape)
             ix_expr = ix.expr.subs({_var(j - len(ix.shape)): _var(j + off - len(shape))
                                     for j in range(len(ix.shape))}, simultaneous=True)
@@ -473,8 +508,9 @@ class MaskAnalysis:
         dim = kw.get("dim", -1)
         p = self._get(kw.get("prepend")) if "prepend" in kw else None
         src = _shape(args[0]) if args else None
-        if not isinstance(x, IntFn) or not isinstance(p, IntFn) or dim not in (-1, len(src) - 1) \
-                or kw.get("append") is not None or kw.get("n", 1) != 1:
+        if len(args) != 1 or not isinstance(x, IntFn) or not isinstance(p, IntFn) \
+                or dim not in (-1, len(src) - 1) or kw.get("append") is not None or kw.get("n", 1) != 1 \
+                or (_shape(kw.get("prepend")) or (None,))[-1] != 1:
             return None
         v = _var(-1)
         step = sympy.expand(x.expr - x.expr.subs(v, v - 1))
@@ -484,12 +520,32 @@ class MaskAnalysis:
         return _int(step, shape)
 
 
-def mask_facts(gm: fx.GraphModule) -> dict:
+def _writes(node) -> bool:
+    """An in-place call: its operand (and what views it) changes."""
+    from .frontends.fx import _mutates
+    return _mutates(node)
+
+
+def _view_chain(node) -> set:
+    """A written operand and the tensors it is a view of (first arguments, up to an input)."""
+    out = set()
+    while isinstance(node, fx.Node) and node not in out:
+        out.add(node)
+        if node.op in ("placeholder", "get_attr") or not node.args:
+            break
+        node = node.args[0]
+    return out
+
+
+def mask_facts(gm: fx.GraphModule, written=()) -> dict:
     """fx node -> the guards (``causal``, ``zeros``) its value passes for every size."""
-    analysis = MaskAnalysis(gm)
+    analysis = MaskAnalysis(gm, written)
     out = {}
     for node in analysis.values:
-        g = analysis.guards(node)
+        try:
+            g = analysis.guards(node)
+        except Exception:  # noqa: BLE001  (an expression sympy cannot decide: nothing proved)
+            g = set()
         if g:
             out[node] = g
     return out

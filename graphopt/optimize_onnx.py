@@ -73,6 +73,7 @@ def _attach(model, report: Report) -> None:
 
 # the sizes a dynamic axis is verified at besides 2 (and the size it is costed at)
 DYNAMIC_SIZES = (1, 5, 11)
+MIXED_SIZES = (3, 7, 2, 9)
 
 
 class OnnxFrontend:
@@ -117,6 +118,10 @@ class OnnxFrontend:
             for k, size in enumerate(DYNAMIC_SIZES + (SYMBOL_HINT,)):
                 trials.append(random_inputs(self.original, seed=self.opts.seed + 100 + k, dynamic=size))
                 self.trial_sizes.append({s: size for s in symbols})
+            if len(symbols) > 1:   # the symbols at different sizes (a rewrite wrong only when batch != seq)
+                mixed = {s: MIXED_SIZES[k % len(MIXED_SIZES)] for k, s in enumerate(symbols)}
+                trials.append(random_inputs(self.original, seed=self.opts.seed + 200, dynamic=mixed))
+                self.trial_sizes.append(mixed)
         return trials
 
     def run(self, model, feeds) -> list:
@@ -139,8 +144,9 @@ def _optimize(original, opts: Options):
 _NUMPY = {1: np.float32, 10: np.float16, 11: np.float64, 7: np.int64, 6: np.int32, 9: np.bool_}
 
 
-def random_inputs(model, seed: int = 0, dynamic: int = 2) -> dict:
-    """Inputs of the declared shapes (a symbolic dimension gets ``dynamic``): floats from a
+def random_inputs(model, seed: int = 0, dynamic: int | dict = 2) -> dict:
+    """Inputs of the declared shapes (a symbolic dimension gets ``dynamic``, or
+    ``dynamic[dim_param]`` for a dict, 2 where it has none): floats from a
     normal distribution, integers in [0, 16) (valid token ids and indices), random bools."""
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
@@ -152,7 +158,8 @@ def random_inputs(model, seed: int = 0, dynamic: int = 2) -> dict:
         dtype = _NUMPY.get(tt.elem_type)
         if dtype is None:
             raise GraphoptError(f"input {vi.name!r}: element type {tt.elem_type} is not supported for verification")
-        shape = [d.dim_value if d.HasField("dim_value") else dynamic for d in tt.shape.dim]
+        shape = [d.dim_value if d.HasField("dim_value") else
+                 (dynamic.get(d.dim_param, 2) if isinstance(dynamic, dict) else dynamic) for d in tt.shape.dim]
         if np.issubdtype(dtype, np.floating):
             feeds[vi.name] = rng.standard_normal(shape).astype(dtype)
         elif dtype is np.bool_:

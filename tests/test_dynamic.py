@@ -102,6 +102,38 @@ def _one_query_sees_all(x):
     return torch.where(keep, torch.zeros(()), -1e9) + x[..., :1, :]
 
 
+def _written_after(x):
+    t = x.shape[-1]
+    m = torch.triu(torch.full((t, t), float("-inf")), diagonal=1)
+    v = m[None]
+    m[:, :1] = 0.0            # an in-place write after the view was taken: not causal any more
+    return x + v
+
+
+def _negative_gather(x):
+    t = x.shape[-1]
+    keep = torch.tril(torch.ones(t, t, dtype=torch.bool))
+    p = torch.arange(t) - 1   # index -1 reads the last row
+    return torch.where(keep[p[:, None], p[None, :]], x, -1e9)
+
+
+def _float_tril(x):
+    t = x.shape[-1]
+    m = torch.tril(torch.full((t, t), True, dtype=torch.float32))   # 1.0 / 0.0, not a boolean mask
+    return x + m
+
+
+@pytest.mark.parametrize("fn", [_written_after, _negative_gather, _float_tril])
+def test_masks_that_only_look_causal_are_not_proved(fn):
+    """The mask that reaches the scores (the operand of the last add/where) is not proved."""
+    gm = _captured(fn, torch.randn(2, 5, 5))
+    from graphopt.masks import mask_facts
+    facts = mask_facts(gm)
+    last = [n for n in gm.graph.nodes if n.op == "call_function"][-1]
+    used = [a for a in last.all_input_nodes if a.op != "placeholder"]
+    assert used and not any(facts.get(a) for a in used), (facts, last.format_node())
+
+
 @pytest.mark.parametrize("fn", [_triu_full, _tril_bool, _arange_compare])
 def test_masks_from_sizes_are_proved_causal(fn):
     assert "causal" in _kinds(fn, torch.randn(2, 5, 5))

@@ -69,6 +69,8 @@ class Builder:
     def _dim(self, d: Dim) -> str:
         if d in self._dim_names:
             return self._dim_names[d]
+        if self.opset < 15:
+            raise GraphoptError(f"a symbolic size ({d}) needs Shape(start, end), ONNX opset 15; the model has {self.opset}")
         total = None
         for term, coeff in d.terms:
             value = None

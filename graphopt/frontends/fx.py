@@ -235,7 +235,7 @@ def import_fx(gm: fx.GraphModule, example_inputs=None, constant_inputs=None) -> 
         order.step(node, mark)
     if g.hints:   # symbolic sizes: masks built from them are proved causal (or all-kept) here
         from ..masks import mask_facts
-        for node, guards in mask_facts(gm).items():
+        for node, guards in mask_facts(gm, written | set(renamed)).items():
             if isinstance(imp.ref_of.get(node), str):
                 g.facts[imp.ref_of[node]] = set(guards)
     return imp
