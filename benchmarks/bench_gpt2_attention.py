@@ -14,8 +14,7 @@ memory:   peak resident memory added by one forward pass, eager vs graphopt, eac
           live tensors).
 generate: greedy model.generate() of --new-tokens tokens, eager vs
           torch.compile(model.forward, backend="graphopt"), with HF's default dynamic
-          KV cache and with the static one (one prefill and one decode graph, both
-          fused), timed after a warm-up call that compiles; the tokens must be identical.
+          KV cache and with the static one; runs bench_dynamic.py generate's variants.
 """
 import argparse
 import json
@@ -167,37 +166,13 @@ def memory(args):
 
 
 def generate(args):
-    from graphopt.optimize import LAST_REPORTS
-    model = build("eager")
-    ids = torch.randint(0, 50257, (1, args.prompt))
-    kw = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    results, graphs = {}, {}
-    with torch.no_grad():
-        eager_forward = model.forward
-        for name in ("eager", "eager-static", "graphopt", "graphopt-static"):
-            extra = {"cache_implementation": "static"} if "static" in name else {}
-            if name.startswith("graphopt"):
-                torch._dynamo.reset()
-                LAST_REPORTS.clear()
-                model.forward = torch.compile(eager_forward, backend="graphopt")
-            out = model.generate(ids, **kw, **extra)  # warm-up (compiles)
-            times = []
-            for _ in range(args.runs):
-                t = time.perf_counter()
-                out = model.generate(ids, **kw, **extra)
-                times.append(time.perf_counter() - t)
-            results[name] = (statistics.median(times), out)
-            if name.startswith("graphopt"):
-                graphs[name] = [(dict(r.attention), r.fallbacks) for r in LAST_REPORTS]
-    ref = results["eager"][1]
-    print(f"== GPT-2-small generate: prompt {args.prompt}, {args.new_tokens} new tokens, greedy, "
-          f"median of {args.runs}, {torch.get_num_threads()} threads")
-    for name, (s, out) in results.items():
-        print(f"  {name:16s} {s:7.2f} s  {args.new_tokens / s:6.1f} tokens/s  {results['eager'][0] / s:5.2f}x vs eager"
-              f"  tokens identical: {torch.equal(out, ref)}")
-    for name, reps in graphs.items():
-        for att, fallbacks in reps:
-            print(f"  {name} graph: attention {att}" + (f" fallbacks {fallbacks}" if fallbacks else ""))
+    """The generation benchmark, now benchmarks/bench_dynamic.py's (the same measurement with
+    attention calls counted, the weights-bandwidth bound and inductor): its eager, static-cache
+    and graphopt variants."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import bench_dynamic
+    args.variants = ["eager, static cache", "graphopt", "graphopt, static cache"]
+    bench_dynamic.generate(args)
 
 
 def main():
