@@ -192,6 +192,28 @@ class Dim:
             out = out + term
         return out
 
+    def symbol(self) -> str | None:
+        """The symbol's name when the dimension is exactly one symbol (``s0``), else None."""
+        if len(self.terms) == 1 and not self.const and self.terms[0][1] == 1 and "*" not in self.terms[0][0]:
+            return self.terms[0][0]
+        return None
+
+    def compose(self, symbol, mul, add, number):
+        """The dimension built with the given operations (fx nodes, ONNX values): ``symbol(name)``
+        for a symbol, ``number(k)`` for a constant, ``mul``/``add`` to combine two parts."""
+        total = None
+        for term, coeff in self.terms:
+            value = None
+            for f in factors(term):
+                s = symbol(f)
+                value = s if value is None else mul(value, s)
+            if coeff != 1:
+                value = mul(value, number(coeff))
+            total = value if total is None else add(total, value)
+        if self.const or total is None:
+            total = number(self.const) if total is None else add(total, number(self.const))
+        return total
+
     def hint(self) -> int:
         """The size this dimension has in the example being optimised (:func:`size_hints`)."""
         if not self.terms:

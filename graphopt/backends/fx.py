@@ -49,18 +49,15 @@ class _Sizes:
         self.new, self.nodes, self.sources = new, {}, {}
         for ph in placeholders:
             value = _meta_value(ph)
-            if isinstance(value, torch.SymInt):
-                d = sym_dim(value)
-                if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and not d.const:
-                    self.sources.setdefault(d.terms[0][0], fx_env[ph])
+            d = sym_dim(value) if isinstance(value, torch.SymInt) else None
+            if isinstance(d, Dim) and d.symbol():
+                self.sources.setdefault(d.symbol(), fx_env[ph])
         for ph in placeholders:
             value = _meta_value(ph)
-            if isinstance(value, torch.Tensor):
-                for k, size in enumerate(value.shape):
-                    d = sym_dim(size)
-                    if isinstance(d, Dim) and len(d.terms) == 1 and d.terms[0][1] == 1 and not d.const \
-                            and "*" not in d.terms[0][0]:
-                        self.sources.setdefault(d.terms[0][0], (fx_env[ph], k))
+            for k, size in enumerate(value.shape if isinstance(value, torch.Tensor) else ()):
+                d = sym_dim(size)
+                if isinstance(d, Dim) and d.symbol():
+                    self.sources.setdefault(d.symbol(), (fx_env[ph], k))
 
     def symbol(self, name: str):
         if name not in self.nodes:
@@ -73,14 +70,9 @@ class _Sizes:
 
     def node(self, d: Dim):
         """The fx value of a symbolic Dim (a node, or the int it is)."""
-        out = d.const or None
-        for term, coeff in d.terms:
-            value = coeff if coeff != 1 else None
-            for f in term.split("*"):
-                s = self.symbol(f)
-                value = s if value is None else self.new.call_function(operator.mul, (value, s))
-            out = value if out is None else self.new.call_function(operator.add, (out, value))
-        return out
+        call = self.new.call_function
+        return d.compose(self.symbol, lambda a, b: call(operator.mul, (a, b)),
+                         lambda a, b: call(operator.add, (a, b)), lambda k: k)
 
     def attrs(self, attrs: tuple, tracer) -> tuple:
         def conv(v):

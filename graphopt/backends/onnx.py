@@ -31,6 +31,7 @@ class Builder:
         self._k = 0
         self.sources: dict = {}          # dim_param -> (graph input name, axis): where it is read
         self._dim_names: dict = {}       # Dim -> name of its 1-element int64 tensor
+        self._symbol_names: dict = {}    # dim_param -> name of its Shape value
 
     def fresh(self, hint: str = "t") -> str:
         while True:
@@ -71,23 +72,21 @@ class Builder:
             return self._dim_names[d]
         if self.opset < 15:
             raise GraphoptError(f"a symbolic size ({d}) needs Shape(start, end), ONNX opset 15; the model has {self.opset}")
-        total = None
-        for term, coeff in d.terms:
-            value = None
-            for f in term.split("*"):
-                src = self.sources.get(f)
-                if src is None:
-                    raise GraphoptError(f"the symbolic size {f} is not an axis of a graph input")
-                name, axis = src
-                s = self.node("Shape", [name], 1, start=axis, end=axis + 1)[0]
-                value = s if value is None else self.node("Mul", [value, s], 1)[0]
-            if coeff != 1:
-                value = self.node("Mul", [value, self.const(np.array([coeff], dtype=np.int64))], 1)[0]
-            total = value if total is None else self.node("Add", [total, value], 1)[0]
-        if d.const:
-            total = self.node("Add", [total, self.const(np.array([d.const], dtype=np.int64))], 1)[0]
+        total = d.compose(self._symbol, lambda a, b: self.node("Mul", [a, b], 1)[0],
+                          lambda a, b: self.node("Add", [a, b], 1)[0],
+                          lambda k: self.const(np.array([k], dtype=np.int64)))
         self._dim_names[d] = total
         return total
+
+    def _symbol(self, name: str) -> str:
+        """A dim_param's size at run time: ``Shape`` of the graph input axis it names (once)."""
+        if name not in self._symbol_names:
+            src = self.sources.get(name)
+            if src is None:
+                raise GraphoptError(f"the symbolic size {name} is not an axis of a graph input")
+            graph_input, axis = src
+            self._symbol_names[name] = self.node("Shape", [graph_input], 1, start=axis, end=axis + 1)[0]
+        return self._symbol_names[name]
 
     def const_value(self, name: str):
         return self.values.get(name)
