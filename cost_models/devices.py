@@ -73,6 +73,46 @@ DEVICES: dict = {
     "cpu": Device("cpu", overhead=CPU_OVERHEAD, calibrate=True),
 }
 
+@dataclass(frozen=True)
+class Link:
+    """How the devices of one machine talk to each other (for tensor-parallel plans).
+
+    Attributes:
+        name: what it is ("nvlink4", "pcie5", "gloo").
+        bandwidth: bytes/s one device sends (and receives) at once, per direction.
+        latency: seconds per message step of a ring collective.
+        memory: bytes of memory per device (the constraint on a plan's shards).
+    """
+
+    name: str
+    bandwidth: float
+    latency: float
+    memory: float
+
+
+GIGA = 1e9
+# Interconnects.  Sources: NVIDIA H100 and H200 SXM datasheets: NVLink 900 GB/s per GPU
+# (bidirectional, so 450 GB/s each way), 80 GB / 141 GB of HBM; A100 SXM4 datasheet: NVLink
+# 600 GB/s; PCI Express 5.0 x16: 64 GB/s each way (the H100 PCIe card's host link).  The
+# latency per ring step (5 us NVLink, 10 us PCIe) is an assumption, not a datasheet figure:
+# NCCL's small-message all-reduce takes on the order of 10-30 us on 8 GPUs.
+LINKS: dict = {
+    "h100": Link("nvlink4", 450 * GIGA, 5e-6, 80 * GIGA),
+    "h200": Link("nvlink4", 450 * GIGA, 5e-6, 141 * GIGA),
+    "a100": Link("nvlink3", 300 * GIGA, 5e-6, 80 * GIGA),
+    "pcie": Link("pcie5", 64 * GIGA, 10e-6, 80 * GIGA),
+}
+
+
+def get_link(name: str) -> Link:
+    """The interconnect of ``name`` (a GPU of :data:`DEVICES` or ``"pcie"``); ``"cpu"`` has
+    none in the table: :func:`graphopt.parallel.comm.measure_link` measures the process group."""
+    if name not in LINKS:
+        raise GraphoptError(f"no interconnect figures for {name!r} (known: {', '.join(sorted(LINKS))}; "
+                            f"on the CPU the process group is measured)")
+    return LINKS[name]
+
+
 DEFAULT_CACHE_DIR = Path("~/.cache/graphopt")
 CALIBRATION_FILE = "cpu_calibration.json"
 # Matmul size used to calibrate each dtype: float16 matmul has no fast CPU kernel

@@ -296,7 +296,16 @@ def _cmd_optimize(args) -> int:
         raise GraphoptError("no model: give a built-in example (gpt2, llama), a Hugging Face model folder, "
                             "--config NAME, path/to/file.py:factory or model.onnx")
     if args.model and args.model.endswith(".onnx"):
+        if args.tp:
+            raise GraphoptError("--tp is for torch models (an ONNX file is not sharded)")
         return _cmd_optimize_onnx(args)
+    if args.tp is not None:
+        return _cmd_optimize_tp(args)
+    if args.plan_only:
+        raise GraphoptError("--plan-only is for tensor-parallel plans: give --tp N")
+    if args.device not in ("cpu", "cuda"):
+        raise GraphoptError(f"--device {args.device} names a device to cost a --tp plan on; "
+                            "a model runs on cpu or cuda")
     import torch
 
     from . import optimize
@@ -372,6 +381,54 @@ def _cmd_optimize(args) -> int:
                       ("html", "report page")):
         if key in result:
             print(f"  wrote          {result[key]} ({what})")
+    return 0
+
+
+def _build_for_tp(args):
+    """The model and inputs of ``args`` (called in every rank's process)."""
+    model, inputs = _load_model(args)
+    return _place(model, inputs, args.dtype, "cpu")
+
+
+def _cmd_optimize_tp(args) -> int:
+    """``--tp N``: a tensor-parallel plan over N ranks, run on N local CPU processes (gloo) and
+    checked, or with ``--plan-only`` only made and costed (``--device h100`` ...)."""
+    import functools
+
+    import torch
+
+    from .parallel.launch import run_local
+    from .parallel.plan import plan_parallel
+    if args.tp < 1:
+        raise GraphoptError(f"--tp must be >= 1, got {args.tp}")
+    if args.plan_only:
+        device = "cpu" if args.device in ("cpu", "cuda") else args.device
+        model, inputs = _build_for_tp(args)
+        rep, _ = plan_parallel(model, inputs, args.tp, device=device)
+        print(json.dumps(rep.as_dict(), indent=1) if args.json else rep)
+        return 0
+    if args.device != "cpu":
+        raise GraphoptError(f"--tp {args.tp} runs the plan here on CPU processes (gloo); for --device "
+                            f"{args.device} add --plan-only (the plan and its estimated speed-up)")
+    results = run_local(functools.partial(_build_for_tp, args), args.tp, runs=args.runs)
+    r0 = results[0]
+    model, inputs = _build_for_tp(args)
+    threads = torch.get_num_threads()
+    one = _median_ms(model, inputs, args.runs)
+    worst = max(max(r["diff"], r["diff_fresh"]) for r in results)
+    plan_ms = max(r["seconds"] for r in results) * 1e3
+    if args.json:
+        print(json.dumps({"report": r0["report"], "ranks": [{k: v for k, v in r.items() if k != "report"}
+                                                            for r in results],
+                          "model_ms": one, "plan_ms": plan_ms, "max_diff": worst}, indent=1))
+        return 0
+    print(r0["report"])
+    print(f"ran on {args.tp} processes (gloo, {max(1, threads // args.tp)} threads each): outputs equal to the model's "
+          f"(max difference {worst:.3g}, example and fresh inputs)")
+    print(f"weights per rank: " + ", ".join(f"rank {r['rank']} {r['rank_bytes'] / 1e6:.2f} MB"
+                                            for r in results) + f" of {r0['whole_bytes'] / 1e6:.2f} MB")
+    print(f"time: plan {plan_ms:.2f} ms on {args.tp} processes vs model {one:.2f} ms in one process with "
+          f"{threads} threads (median of {args.runs})")
     return 0
 
 
@@ -515,7 +572,14 @@ def build_parser() -> argparse.ArgumentParser:
                                                "(default: the example's; 2 for --config)")
     op.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
                     help="the model's dtype (default float32)")
-    op.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the model runs (default cpu)")
+    op.add_argument("--device", choices=["cpu", "cuda", "h100", "h200", "a100", "pcie"], default="cpu",
+                    help="where the model runs (default cpu); with --tp N --plan-only, the device the plan is "
+                         "costed on (h100, h200, a100: NVLink; pcie: H100s on PCIe 5)")
+    op.add_argument("--tp", type=int, metavar="N",
+                    help="tensor parallelism: shard the model over N ranks (graphopt.parallelize) and run the "
+                         "plan on N local CPU processes (gloo), checking it against the model")
+    op.add_argument("--plan-only", action="store_true",
+                    help="with --tp N: make and cost the plan (every rank simulated in this process), no run")
     op.add_argument("--capture", choices=["dynamo", "export"],
                     help="graph capture (default: dynamo; export with -o PATH.pt2)")
     op.add_argument("--cost-model", choices=["roofline", "measured"], default="roofline")

@@ -67,9 +67,14 @@ DEFAULT_SCHEDULE = (
 
 # -- loading rulesets ------------------------------------------------------------------------
 
+# the sharding rules (tensor parallelism) are read by graphopt.parallel, not by the
+# single-device optimizer
+SHARDING_RULES = "parallel.rules"
+
+
 def hand_written_sources() -> list:
-    """The shipped text rule files, in name order."""
-    return sorted(SUBSTITUTIONS.glob("*.rules"))
+    """The shipped text rule files of the optimizer, in name order."""
+    return sorted(p for p in SUBSTITUTIONS.glob("*.rules") if p.name != SHARDING_RULES)
 
 
 def compile_hand_written(paths=None) -> RuleLibrary:

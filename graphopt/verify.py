@@ -195,6 +195,9 @@ def verify_rule(src: Graph, dst: Graph, plan: FloatPlan = FloatPlan(), *, z3: bo
         >>> v.passed, v.evidence["z3"]
         (True, 'proved')
     """
+    if any(get_op(n.op).spmd for g in (src, dst) for n in g.nodes if n.op != OPAQUE):
+        from .parallel.rules import verify_sharding    # a sharding rule: checked over all ranks
+        return verify_sharding(src, dst)
     cases = plan.cases(src)
     outs = []
     for g in (src, dst):

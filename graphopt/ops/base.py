@@ -208,6 +208,8 @@ class OpDef:
         bool_operands: positions of inputs that are boolean masks (every other input is a
             float tensor, all of one dtype).
         any_dtype: the op only moves data, so its input may also be a boolean mask.
+        spmd: a parallel op (:mod:`graphopt.ops.parallel`): its shapes are one rank's, its
+            array semantics the whole group's (a leading axis with one entry per rank).
     """
 
     name: str
@@ -226,6 +228,7 @@ class OpDef:
     type_only: bool = False
     bool_operands: tuple = ()
     any_dtype: bool = False
+    spmd: bool = False
     fx: tuple = ()  # FxForm, ...: how torch.fx graphs (Dynamo and torch.export) spell it
     onnx: tuple = ()  # OnnxForm, ...: how ONNX spells it
     # ``(b, inputs, attrs, outputs) -> None``: write the op as ONNX nodes producing the
@@ -350,6 +353,8 @@ def opdef_problems(op: OpDef) -> list:
         problems.append("commutative")
     if not isinstance(op.view, bool):
         problems.append("view")
+    if not isinstance(op.spmd, bool):
+        problems.append("spmd")
     if op.scalar_operand is not None and not (isinstance(op.scalar_operand, int)
                                               and 0 <= op.scalar_operand < op.arity):
         problems.append("scalar_operand")
@@ -397,10 +402,12 @@ def get_op(name: str) -> OpDef:
 
 
 def registry_version() -> str:
-    """A version string that changes whenever an operator's signature changes."""
+    """A version string that changes whenever an operator's signature changes (the parallel
+    ops are not counted: the optimizer's rule libraries cannot contain them, and their own
+    rules, ``substitutions/parallel.rules``, are verified whenever they are loaded)."""
     sig = ";".join(
         f"{o.name}/{o.arity}/{sorted((k, s.kind) for k, s in o.attrs.items())}/{o.algebraic}"
-        for o in sorted(REGISTRY.values(), key=lambda o: o.name)
+        for o in sorted(REGISTRY.values(), key=lambda o: o.name) if not o.spmd
     )
     return "1." + hashlib.sha1(sig.encode()).hexdigest()[:8]
 

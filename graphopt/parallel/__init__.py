@@ -1,0 +1,1 @@
+"""Tensor parallelism as verified graph rewrites (see :func:`graphopt.parallel.plan.parallelize`)."""
