@@ -14,8 +14,9 @@ from .rules import Rule, RuleLibrary, load_rules  # noqa: E402
 from .optimize import OptimizedModule, optimize, register as _register  # noqa: E402
 from .report import Report  # noqa: E402
 from .optimize_onnx import onnx_report, optimize_onnx  # noqa: E402
+from .parallel.plan import ParallelPlan, parallelize, plan_parallel  # noqa: E402
 
 _register()  # torch.compile(model, backend="graphopt")
 
-__all__ = ["optimize", "optimize_onnx", "onnx_report", "OptimizedModule", "Report", "load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
+__all__ = ["optimize", "optimize_onnx", "parallelize", "plan_parallel", "ParallelPlan", "onnx_report", "OptimizedModule", "Report", "load_rules", "Rule", "RuleLibrary", "Graph", "GraphoptError", "RuleFormatError",
            "ShapeError", "UnknownOpError", "__version__"]

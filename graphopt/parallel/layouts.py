@@ -54,7 +54,7 @@ def divisible(shape, layout: Layout, world: int) -> bool:
 
 def local_shape(shape, layout: Layout, world: int) -> tuple:
     shape = tuple(int(d) for d in shape)
-    if not layout.split:
+    if not layout.split or -layout.axis > len(shape):
         return shape
     out = list(shape)
     out[layout.axis] //= world

@@ -291,11 +291,38 @@ class ParallelPlan(torch.nn.Module):
     tensors); every rank returns the whole outputs.  ``state_dict()`` holds this rank's
     shards only, under the model's own weight names."""
 
-    def __init__(self, module: torch.fx.GraphModule, in_spec, out_spec, report: ParallelReport, group=None):
+    def __init__(self, module: torch.fx.GraphModule, in_spec, out_spec, report: ParallelReport, group=None,
+                 transient=frozenset()):
         super().__init__()
         self.rank_module = module
+        self._transient = set(transient)
         self._in_spec, self._out_spec, self._group = in_spec, out_spec, group
         self.report = report
+
+    def state_dict(self, *args, **kwargs):
+        """This rank's shards under the model's weight names (``model.layers.0.q_proj.weight``)."""
+        from .lower import VOCAB_START
+        out = self.rank_module.state_dict(*args, **kwargs)
+        for k in [k for k in out if k.rsplit(".", 1)[-1].startswith(VOCAB_START) or k in self._transient]:
+            del out[k]
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load this rank's shards (as :meth:`state_dict` gives them)."""
+        return self.rank_module.load_state_dict(state_dict, strict=False, assign=assign) if not strict else \
+            self._load_strict(state_dict, assign)
+
+    def _load_strict(self, state_dict, assign):
+        mine = self.state_dict()
+        if set(state_dict) != set(mine):
+            missing, extra = sorted(set(mine) - set(state_dict)), sorted(set(state_dict) - set(mine))
+            raise GraphoptError(f"load_state_dict: not this plan's shards (missing {missing[:3]}, "
+                                f"unexpected {extra[:3]})")
+        for k, v in state_dict.items():
+            if tuple(v.shape) != tuple(mine[k].shape):
+                raise GraphoptError(f"load_state_dict: {k} has shape {tuple(v.shape)}, this rank's shard "
+                                    f"{tuple(mine[k].shape)}")
+        return self.rank_module.load_state_dict(state_dict, strict=False, assign=assign)
 
     def forward(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
@@ -364,7 +391,8 @@ def parallelize(model, example_inputs, world_size: int | None = None, *, group=N
     rep.checked = f"checked at parallelize time: {len(expected)} outputs equal on all {world_size} ranks"
     ep = plan.problem.ep
     plan.problem.values.clear()     # the model's values (and whole weights) are not kept
-    return ParallelPlan(module, ep.call_spec.in_spec, ep.call_spec.out_spec, rep, group)
+    return ParallelPlan(module, ep.call_spec.in_spec, ep.call_spec.out_spec, rep, group,
+                        transient=plan.problem.transient)
 
 
 def plan_parallel(model, example_inputs, world_size: int, *, device: str = "h100",

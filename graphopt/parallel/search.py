@@ -95,6 +95,9 @@ class Problem:
         state = dict(self.ep.state_dict)
         state.update(getattr(self.ep, "constants", {}))
         self.weights: dict = {}       # placeholder -> (state name, tensor)
+        # what is not part of the model's state_dict: non-persistent buffers, lifted constants
+        self.transient = {spec.target for spec in sig.input_specs if spec.target is not None and
+                          (spec.target not in self.ep.state_dict or spec.persistent is False)}
         self.user_inputs: list = []
         flat = []
         user = iter(example_inputs)
@@ -562,6 +565,9 @@ def megatron(problem: Problem):
             if module in words:
                 return k, module
         return None, module
+
+    if not any(kind(ph)[0] for ph in problem.weights):
+        raise GraphoptError("no layer has a name that Megatron-LM's plan splits (q_proj, o_proj, fc1, ...)")
 
     def allow(ph, layout, rule) -> bool:
         k, module = kind(ph)
