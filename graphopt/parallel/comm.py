@@ -22,7 +22,7 @@ def collective_time(kind: str, nbytes: float, world: int, link: Link) -> float:
     return 2 * one if kind == "all_reduce" else one
 
 
-def measure_link(group=None, sizes=(1 << 12, 1 << 22), repeats: int = 5) -> Link:
+def measure_link(group=None, sizes=(1 << 12, 1 << 25), repeats: int = 5) -> Link:
     """The interconnect of a live process group: all-reduces of two sizes timed (the best of
     ``repeats``), a latency and a bandwidth fitted to the ring formula."""
     import torch.distributed as dist
@@ -43,6 +43,10 @@ def measure_link(group=None, sizes=(1 << 12, 1 << 22), repeats: int = 5) -> Link
     steps = 2 * max(world - 1, 1)
     frac = 2 * max(world - 1, 1) / world
     (s0, s1), (t0, t1) = sizes, times
-    bandwidth = frac * (s1 - s0) / max(t1 - t0, 1e-9)
-    latency = max((t0 - frac * s0 / bandwidth) / steps, 1e-7)
-    return Link(f"{dist.get_backend(group)} (measured)", bandwidth, latency, float("inf"))
+    # the small message gives the latency, the large one the bandwidth (what is left of its
+    # time once the latency is paid); a noisy pair falls back to the large message's own rate
+    latency = max(t0 / steps, 1e-7)
+    rest = t1 - steps * latency
+    bandwidth = frac * s1 / (rest if rest > 0.2 * t1 else t1)
+    return Link(f"{dist.get_backend(group)}, measured: {bandwidth / 1e9:.2f} GB/s, {latency * 1e6:.0f} us per step",
+                bandwidth, latency, float("inf"))

@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from . import collectives
 from .layouts import P, R, S, Layout, combine, part
-from .search import Plan, local_args
+from .search import Plan, local_args, mutates
 
 
 def _convert(g: fx.Graph, node: fx.Node, src: Layout, dst: Layout, world: int) -> fx.Node:
@@ -89,8 +89,8 @@ def rank_state(plan: Plan, rank: int) -> dict:
     vocab = 0
     for step in plan.steps:
         if step.outcome.target is collectives.vocab_embedding:
-            rows = p.weights[step.node.all_input_nodes[0]][1].shape[0] // world
-            out[f"{VOCAB_START}_{vocab}"] = torch.tensor(rank * rows)
+            table = p.weights[step.node.all_input_nodes[0]][1]
+            out[f"{VOCAB_START}_{vocab}"] = torch.tensor(rank * (table.shape[0] // world), device=table.device)
             vocab += 1
     return out
 
@@ -121,8 +121,10 @@ class Simulation:
                 for env, m in zip(envs, self.modules):
                     env[n] = getattr_path(m, n.target)
             elif n.op == "call_function":
-                vals = [(fx.node.map_arg(n.args, lambda a, env=env: env[a]),
-                         fx.node.map_arg(n.kwargs, lambda a, env=env: env[a])) for env in envs]
+                fetch = (lambda a, env: env[a].clone() if isinstance(env[a], torch.Tensor) else env[a]) \
+                    if mutates(n.target) else (lambda a, env: env[a])   # ranks share replicated values
+                vals = [(fx.node.map_arg(n.args, lambda a, env=env: fetch(a, env)),
+                         fx.node.map_arg(n.kwargs, lambda a, env=env: fetch(a, env))) for env in envs]
                 outs = self._collective(n.target, vals) if n.target in _SIMULATED else \
                     [n.target(*a, **k) for a, k in vals]
                 for env, o in zip(envs, outs):

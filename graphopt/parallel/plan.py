@@ -65,6 +65,7 @@ class ParallelReport:
     checked: str = ""
     predictions: list = field(default_factory=list)     # (label, seconds one device, seconds plan)
     megatron: float | None = None                       # estimated seconds of Megatron-LM's plan
+    launch_free: tuple = ()                             # (one device, plan) without per-call overhead
     megatron_note: str = ""
     notes: list = field(default_factory=list)
     search_seconds: float = 0.0
@@ -216,27 +217,51 @@ def make_plan(model, example_inputs, world_size: int, device: str = "cpu", group
     budget = _budget(problem, memory_per_rank, (share if share is not None else
                                                  min(1.0, 1.0 / world_size + 0.05)))
     notes = []
+    plan, budget = _search_relaxed(problem, costs, budget, memory_per_rank is None, beam, notes)
+    # Megatron-LM's hand-written plan is a candidate too, under the same budget
+    meg = None
     try:
-        plan = search(problem, costs, budget, beam=beam)
-    except GraphoptError:
-        if memory_per_rank is not None:
-            raise
-        budget = float("inf")
-        plan = search(problem, costs, budget, beam=beam)   # replicate what cannot be split
-        notes.append(f"the weights do not split evenly over {world_size} ranks: the layers below that "
-                     f"cannot be split are replicated")
-    notes += _heads_notes(problem)
-    one = search(_single(problem), Costs(dev, link, 1, shapes), float("inf"), beam=1).cost
-    rep = _report(plan, costs, device, link.name, one)
-    rep.notes = notes
-    try:
-        rep.megatron = search(problem, costs, float("inf"), beam=beam, allow=megatron(problem)).cost
+        meg = search(problem, costs, budget, beam=beam, allow=megatron(problem))
     except GraphoptError as e:
-        rep.megatron_note = f"not applicable to this model ({e})"
+        megatron_note = f"not applicable to this model ({e})"
+    else:
+        megatron_note = ""
+        if meg.cost < plan.cost:
+            plan = meg
+            notes.append("the plan is Megatron-LM's (the search found none cheaper)")
+    notes += _heads_notes(problem)
+    single = search(_single(problem), Costs(dev, link, 1, shapes), float("inf"), beam=1)
+    one = single.cost
+    rep = _report(plan, costs, device, link.name, one)
+    rep.launch_free = (single.launch_free(dev), plan.launch_free(dev))
+    rep.notes = notes
+    rep.megatron, rep.megatron_note = (meg.cost if meg is not None else None), megatron_note
     scenarios = default_scenarios(example_inputs) if scenarios is None else scenarios
     rep.predictions = predict(problem, model, scenarios, "h100" if device == "cpu" else device, world_size, budget)
     rep.search_seconds = time.perf_counter() - start
     return plan, costs, rep
+
+
+def _search_relaxed(problem, costs, budget, relax: bool, beam: int, notes: list) -> tuple:
+    """The plan within ``budget``; where no plan fits (a size that does not divide among the
+    ranks, weights no rule splits), the budget is raised step by step, said in ``notes``."""
+    total = sum(t.numel() * t.element_size() for _, t in problem.weights.values()) or 1.0
+    tries = [budget] + ([b * total for b in (0.6, 0.75, 0.9)] + [float("inf")] if relax else [])
+    for k, limit in enumerate(tries):
+        if k and limit <= budget:
+            continue
+        try:
+            plan = search(problem, costs, limit, beam=beam)
+        except GraphoptError:
+            if k == len(tries) - 1:
+                raise
+            continue
+        if k:
+            notes.append(f"no plan holds {100 * budget / total:.0f}% of the weights per rank: some weights do not "
+                         f"split among {problem.world} ranks (see 'replicated' above); the plan holds at most "
+                         + (f"{100 * limit / total:.0f}%" if limit != float("inf") else "all of them"))
+        return plan, limit
+    raise AssertionError("unreachable")
 
 
 def _single(problem: Problem) -> Problem:
@@ -292,9 +317,10 @@ class ParallelPlan(torch.nn.Module):
     shards only, under the model's own weight names."""
 
     def __init__(self, module: torch.fx.GraphModule, in_spec, out_spec, report: ParallelReport, group=None,
-                 transient=frozenset()):
+                 transient=frozenset(), shapes=()):
         super().__init__()
         self.rank_module = module
+        self._shapes = list(shapes)
         self._transient = set(transient)
         self._in_spec, self._out_spec, self._group = in_spec, out_spec, group
         self.report = report
@@ -329,6 +355,10 @@ class ParallelPlan(torch.nn.Module):
         if spec != self._in_spec:
             raise GraphoptError("the parallel plan was made for calls with the example inputs' structure "
                                 f"({self._in_spec.num_leaves} tensors)")
+        got = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in flat]
+        if self._shapes and got != self._shapes:
+            raise GraphoptError(f"the parallel plan was made for inputs of shapes {self._shapes}, got {got}: "
+                                "make a plan for these shapes (graphopt.parallelize with such example inputs)")
         with collectives.use_group(self._group):
             out = self.rank_module(*flat)
         return pytree.tree_unflatten(list(out), self._out_spec)
@@ -391,8 +421,9 @@ def parallelize(model, example_inputs, world_size: int | None = None, *, group=N
     rep.checked = f"checked at parallelize time: {len(expected)} outputs equal on all {world_size} ranks"
     ep = plan.problem.ep
     plan.problem.values.clear()     # the model's values (and whole weights) are not kept
+    shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else None for x in flat_user]
     return ParallelPlan(module, ep.call_spec.in_spec, ep.call_spec.out_spec, rep, group,
-                        transient=plan.problem.transient)
+                        transient=plan.problem.transient, shapes=shapes)
 
 
 def plan_parallel(model, example_inputs, world_size: int, *, device: str = "h100",
