@@ -29,7 +29,7 @@ import torch.utils._pytree as pytree
 
 from ..errors import GraphoptError
 from . import collectives
-from .layouts import Layout, local_shape
+from .layouts import R, Layout, local_shape
 from .lower import Simulation, rank_graph, rank_module, rank_state
 from .search import Costs, Plan, Problem, megatron, search
 
@@ -143,14 +143,12 @@ def _report(plan: Plan, costs: Costs, device: str, link_name: str, one: float) -
             n, b = rep.collectives.get(kind, (0, 0.0))
             rep.collectives[kind] = (n + 1, b + costs.nbytes(src))
     for o, layout in plan.outputs:
-        kind, _ = costs.convert(o, layout, R_)
+        kind, _ = costs.convert(o, layout, R)
         if kind not in ("none", None):
             n, b = rep.collectives.get(kind, (0, 0.0))
             rep.collectives[kind] = (n + 1, b + costs.nbytes(o))
     return rep
 
-
-from .layouts import R as R_  # noqa: E402  (after the report helpers that name it)
 
 
 def _why_replicated(t: torch.Tensor, world: int) -> str:

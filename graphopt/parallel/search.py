@@ -23,6 +23,7 @@ covers (a view, RoPE's slices, a norm written out) runs split only where the che
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -412,9 +413,7 @@ def _rule_candidates(node, table) -> list:
             continue
         for st in table[name]:
             if len(st.ins) >= len(ins):
-                layouts = st.ins[:len(ins)]
-                if node.target is aten.addmm.default or name != "addmm":
-                    out.append((layouts, st.rule, None))
+                out.append((st.ins[:len(ins)], st.rule, None))
     return out
 
 
@@ -529,6 +528,14 @@ def _expand(st: State, node, problem, check, costs, table, wbytes, budget, allow
                                   else (d if d is not None else R) for d, s in zip(cur, shapes)), "", None))
     if any(isinstance(c, Layout) and c.kind == "P" for c in cur):
         options.append((tuple(R if c == P else (c if c is not None else R) for c in cur), "", None))
+    partial = [k for k, c in enumerate(cur) if c == P]
+    if partial:     # partial sums reduce-scattered along any axis, the others sliced alike
+        ref = shapes[partial[0]]                # (along the sequence: Megatron's sequence parallelism)
+        for a in range(-len(ref), 0):
+            if ref[a] % world:
+                continue
+            options.append((tuple(S(a) if c == P or (c in (None, R) and len(s) >= -a and s[a] == ref[a])
+                                  else (c if c is not None else R) for c, s in zip(cur, shapes)), "", None))
     if len(ins) == 1 and cur[0] is None and len(shapes[0]) >= 1:
         # a weight first read by a layout call (Falcon's x @ W.T reads W.T): split on any axis,
         # its reader's check says what layout the result has
@@ -565,7 +572,7 @@ def _expand(st: State, node, problem, check, costs, table, wbytes, budget, allow
         outcome = check(node, layouts, target)
         if outcome is None:
             continue
-        outcome.rule = outcome.rule or rule
+        outcome = dataclasses.replace(outcome, rule=outcome.rule or rule)   # (memoised: not changed)
         nxt = _advance(st, node, layouts, outcome, tuple(converts), tuple(fixes), costs, wbytes, world, comm=comm)
         if nxt.mem <= budget:
             out.append(nxt)
