@@ -20,6 +20,11 @@ predict: the cost model's estimate for Llama-2-7B-shaped (d=4096, 32 heads, SwiG
          each config (the same layers and heads, head size 4, every other width divided alike;
          random weights, so that every layout is checked on values) and costed with the real
          config's shapes, from a torch.export of it on the meta device (nothing allocated).
+         Each config is planned at 2 and 4 layers (--sample-layers) and the estimates extended
+         along the line through them to 32 or 80 layers: every layer has the same shapes and
+         gets the same plan, so each adds the same time (planning 80 layers directly takes
+         tens of minutes on 2 cores; at 8 layers the plan made directly is within 0.4% of the
+         line).
          Each estimate also without the fixed cost per call (3 us per kernel launch in the
          device table): what a launch-free runtime (CUDA graphs, as gpt-fast uses) approaches.
          Printed next to published tensor-parallel figures (sources in BENCHMARKS.md).
@@ -107,29 +112,40 @@ def _lm(cfg: dict, meta: bool):
 SCENARIOS = {"prefill T=2048": (1, 2048), "decode batch 1": (1, 1), "decode batch 32": (32, 1)}
 
 
-def cmd_predict(args) -> None:
+def _estimate(name: str, label: str, world: int, layers: int, beam: int):
+    """(one device, plan, Megatron-LM's plan, launch-free one device, launch-free plan) in
+    seconds for the config cut to ``layers`` layers."""
     from graphopt.parallel.plan import export_shapes, make_plan
+    cfg = dict(CONFIGS[name], num_hidden_layers=layers)
+    batch, t = SCENARIOS[label]
+    big, twin = _lm(cfg, meta=True), _lm(twin_config(cfg), meta=False)
+    shapes = export_shapes(big, (torch.zeros(batch, t, dtype=torch.long, device="meta"),))
+    ids = torch.randint(0, 64, (batch, 8 if t > 1 else 1))
+    _, _, rep = make_plan(twin, (ids,), world, device="h100", shapes=shapes, beam=beam, scenarios={})
+    return (rep.time_one, rep.time_plan, rep.megatron, *rep.launch_free)
+
+
+def cmd_predict(args) -> None:
     rows = []
+    a, b = args.sample_layers
     for name in args.models:
-        cfg = CONFIGS[name]
-        big, twin = _lm(cfg, meta=True), _lm(twin_config(cfg), meta=False)
-        for label, (batch, t) in SCENARIOS.items():
-            shapes = export_shapes(big, (torch.zeros(batch, t, dtype=torch.long, device="meta"),))
-            ids = torch.randint(0, 64, (batch, max(t, 8) if t > 1 else 1))
+        layers = CONFIGS[name]["num_hidden_layers"]
+        for label in SCENARIOS:
             for world in args.worlds:
                 start = time.perf_counter()
-                _, _, rep = make_plan(twin, (ids,), world, device="h100", shapes=shapes, beam=args.beam,
-                                      scenarios={})
-                rows.append((name, label, world, rep.time_one, rep.time_plan, rep.megatron, rep.launch_free,
-                             time.perf_counter() - start))
-                print(f"{name} {label} x{world}: {rep.time_one * 1e3:.2f} ms -> {rep.time_plan * 1e3:.2f} ms "
-                      f"({rep.speedup:.2f}x), Megatron-LM's plan {rep.megatron * 1e3:.2f} ms, "
-                      f"search {rows[-1][-1]:.1f} s", flush=True)
+                lo, hi = _estimate(name, label, world, a, args.beam), _estimate(name, label, world, b, args.beam)
+                # every layer costs the same (same shapes, same plan per layer): a line through
+                # the two samples gives the whole model's estimate
+                est = [x + (layers - a) * (y - x) / (b - a) for x, y in zip(lo, hi)]
+                rows.append((name, label, world, *est, time.perf_counter() - start))
+                one, par, meg = est[:3]
+                print(f"{name} {label} x{world}: {one * 1e3:.2f} ms -> {par * 1e3:.2f} ms ({one / par:.2f}x), "
+                      f"Megatron-LM's plan {meg * 1e3:.2f} ms, {rows[-1][-1]:.1f} s", flush=True)
     print()
     print("| config | scenario | H100s | one GPU (est.) | plan (est.) | speed-up | Megatron-LM's plan (est.) "
           "| launch-free: one GPU -> plan |")
     print("|---|---|---|---|---|---|---|---|")
-    for name, label, world, one, par, meg, (one_free, par_free), _ in rows:
+    for name, label, world, one, par, meg, one_free, par_free, _ in rows:
         print(f"| {name} | {label} | {world} | {one * 1e3:.2f} ms | {par * 1e3:.2f} ms | {one / par:.2f}x | "
               f"{meg * 1e3:.2f} ms ({one / meg:.2f}x) | {one_free * 1e3:.2f} -> {par_free * 1e3:.2f} ms "
               f"({one_free / par_free:.2f}x) |")
@@ -148,6 +164,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument("--worlds", nargs="+", type=int, default=[2, 4, 8])
     p.add_argument("--beam", type=int, default=16)
+    p.add_argument("--sample-layers", nargs=2, type=int, default=[2, 4],
+                   help="the configs are planned at these two depths and the estimates extended along "
+                        "the line through them to the real depth (every layer costs the same)")
     p.set_defaults(func=cmd_predict)
     args = ap.parse_args()
     args.func(args)

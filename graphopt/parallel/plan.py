@@ -303,7 +303,10 @@ def predict(problem: Problem, model, scenarios: dict, device: str, world: int, b
         if len(set(shapes) & names) < 0.9 * len(names & {n.name for n in problem.gm.graph.nodes
                                                            if isinstance(n.meta.get("val"), torch.Tensor)}):
             continue    # another graph at these sizes (a size-1 axis takes other paths): not comparable
-        par = search(problem, Costs(dev, link, world, shapes), budget, beam=beam).cost
+        try:
+            par = search(problem, Costs(dev, link, world, shapes), budget, beam=beam).cost
+        except GraphoptError:   # the narrower beam found nothing within the budget: no prediction
+            continue
         one = search(_single(problem), Costs(dev, link, 1, shapes), float("inf"), beam=1).cost
         out.append((f"{label} on {world} {device.upper()}", one, par))
     return out
