@@ -187,13 +187,16 @@ class Graph:
         return [n.op for n in self.nodes]
 
     # -- evaluation -------------------------------------------------------------------
-    def evaluate(self, env: Mapping, semantics: str = "ref", binding: Mapping | None = None) -> list:
+    def evaluate(self, env: Mapping, semantics: str = "ref", binding: Mapping | None = None,
+                 prepare: Callable | None = None) -> list:
         """Evaluate the outputs.
 
         Args:
             env: input name -> array (numpy for ``ref``/``fingerprint``/``z3``).
             semantics: ``"ref"``, ``"fingerprint"`` or ``"z3"`` (an OpDef method name).
             binding: size of each shape symbol, to make symbolic attributes concrete.
+            prepare: ``(opdef, args) -> args`` applied before each op (the all-ranks evaluation
+                of :mod:`graphopt.parallel.rules` lines up the rank axes this way).
         Returns:
             the output arrays, in the order of ``self.outputs``.
         """
@@ -204,6 +207,8 @@ class Graph:
                 raise ShapeError(f"node %{idx} is opaque: it has no {semantics} semantics")
             opdef = get_op(node.op)
             args = [values[r] for r in node.inputs]
+            if prepare is not None:
+                args = prepare(opdef, args)
             outs = getattr(opdef, semantics)(args, concrete_attrs(node.attrs, binding))
             for j, v in enumerate(outs):
                 values[node_ref(idx, j, len(node.outs))] = v

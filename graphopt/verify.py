@@ -315,6 +315,14 @@ def _z3_at(src: Graph, dst: Graph, binding: dict, timeout_ms: int) -> str:
         b = dst.evaluate(env, "z3", binding)
     except NotAlgebraic:
         return "not-algebraic", None
+    return prove_equal(a, b, binding, timeout_ms, nonzero)
+
+
+def prove_equal(a: list, b: list, binding: dict, timeout_ms: int, assumptions=()) -> tuple:
+    """Z3 on two lists of outputs (arrays of Z3 terms): ``("proved" | "refuted" | "timeout",
+    a one-line counterexample or None)``; ``assumptions`` are constraints on the inputs
+    (scalars that divide are non-zero)."""
+    import z3
     diffs = []
     for x, y in zip(a, b):
         if np.shape(x) != np.shape(y):
@@ -327,7 +335,7 @@ def _z3_at(src: Graph, dst: Graph, binding: dict, timeout_ms: int) -> str:
         return "proved", None
     solver = z3.Solver()
     solver.set("timeout", timeout_ms)
-    solver.add(*nonzero)
+    solver.add(*assumptions)
     solver.add(z3.Or([d != 0 for d in diffs]))
     result = solver.check()
     if result == z3.unsat:

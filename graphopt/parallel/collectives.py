@@ -79,7 +79,3 @@ def vocab_embedding(weight: torch.Tensor, ids: torch.Tensor, start: torch.Tensor
     rows = torch.nn.functional.embedding(torch.where(inside, local, torch.zeros_like(local)), weight)
     return rows * inside.unsqueeze(-1).to(rows.dtype)
 
-
-# the call targets a rank's graph may contain, by collective kind
-COLLECTIVES = {"all_reduce": all_reduce, "all_gather": all_gather, "reduce_scatter": reduce_scatter,
-               "shard": take_shard, "partial": partial}

@@ -104,3 +104,22 @@ def combine(parts: list, layout: Layout) -> torch.Tensor:
         blocks.append(torch.cat([p.narrow(layout.axis, start, n) for p in parts], layout.axis))
         start += n
     return torch.cat(blocks, layout.axis)
+
+
+def conversion(src: Layout, dst: Layout) -> str | None:
+    """The collective that turns a value laid out as ``src`` into ``dst``: ``"none"``,
+    ``"all_gather"``, ``"all_reduce"``, ``"shard"`` (a slice of a replicated value),
+    ``"partial"``, ``"reduce_scatter"``, ``"regather"`` (an all-gather, then a slice), or
+    None where there is none (replicated or split values are never turned into partial sums
+    but by ``"partial"``; a blocked split is never reduce-scattered)."""
+    if src == dst:
+        return "none"
+    if dst.kind == "R":
+        return "all_gather" if src.split else "all_reduce"
+    if src.kind == "R":
+        return "shard" if dst.split else "partial"
+    if src.kind == "P" and dst.split and not dst.blocks:
+        return "reduce_scatter"
+    if src.split and dst.split:
+        return "regather"
+    return None

@@ -13,26 +13,31 @@ import torch
 import torch.fx as fx
 
 from . import collectives
-from .layouts import P, R, S, Layout, combine, part
+from ..frontends.fx import fetch_attr
+from .layouts import P, R, S, Layout, combine, conversion, part
 from .search import Plan, local_args, mutates
 
 
 def _convert(g: fx.Graph, node: fx.Node, src: Layout, dst: Layout, world: int) -> fx.Node:
+    """The calls that turn ``node`` from ``src`` into ``dst`` (:func:`~graphopt.parallel.layouts.conversion`)."""
     call = g.call_function
-    if src == dst:
+    kind = conversion(src, dst)
+    if kind == "none":
         return node
-    if dst.kind == "R":
-        if src.split:
-            return call(collectives.all_gather, (node, src.axis, world, src.blocks))
+    if kind == "all_gather":
+        return call(collectives.all_gather, (node, src.axis, world, src.blocks))
+    if kind == "all_reduce":
         return call(collectives.all_reduce, (node, world))
-    if src.kind == "R":
-        if dst.split:
-            return call(collectives.take_shard, (node, dst.axis, world, dst.blocks))
+    if kind == "shard":
+        return call(collectives.take_shard, (node, dst.axis, world, dst.blocks))
+    if kind == "partial":
         return call(collectives.partial, (node, world))
-    if src.kind == "P" and dst.split:
+    if kind == "reduce_scatter":
         return call(collectives.reduce_scatter, (node, dst.axis, world))
-    whole = call(collectives.all_gather, (node, src.axis, world, src.blocks))
-    return call(collectives.take_shard, (whole, dst.axis, world, dst.blocks))
+    if kind == "regather":
+        whole = call(collectives.all_gather, (node, src.axis, world, src.blocks))
+        return call(collectives.take_shard, (whole, dst.axis, world, dst.blocks))
+    raise AssertionError(f"no conversion from {src} to {dst}")   # the search never plans one
 
 
 VOCAB_START = "_graphopt_vocab_start"
@@ -119,7 +124,7 @@ class Simulation:
                     env[n] = x
             elif n.op == "get_attr":
                 for env, m in zip(envs, self.modules):
-                    env[n] = getattr_path(m, n.target)
+                    env[n] = fetch_attr(m, n.target)
             elif n.op == "call_function":
                 fetch = (lambda a, env: env[a].clone() if isinstance(env[a], torch.Tensor) else env[a]) \
                     if mutates(n.target) else (lambda a, env: env[a])   # ranks share replicated values
@@ -154,9 +159,3 @@ class Simulation:
 _SIMULATED = {collectives.all_reduce, collectives.all_gather, collectives.reduce_scatter,
               collectives.take_shard, collectives.partial}
 
-
-def getattr_path(module, target: str):
-    obj = module
-    for part_ in target.split("."):
-        obj = getattr(obj, part_)
-    return obj

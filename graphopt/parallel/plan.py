@@ -30,7 +30,7 @@ import torch.utils._pytree as pytree
 from ..errors import GraphoptError
 from . import collectives
 from .layouts import R, Layout, local_shape
-from .lower import Simulation, rank_graph, rank_module, rank_state
+from .lower import Simulation, rank_graph, rank_module
 from .search import Costs, Plan, Problem, megatron, search
 
 RULE_WORDS = {"linear-column": "column split", "column": "column split", "addmm-column": "column split",
@@ -140,6 +140,7 @@ def _report(plan: Plan, costs: Costs, device: str, link_name: str, one: float) -
             kind, _ = costs.convert(src, frm, to)
             if kind in ("shard", "partial", "none"):
                 continue
+            kind = "all_gather" if kind == "regather" else kind   # (then a local slice)
             n, b = rep.collectives.get(kind, (0, 0.0))
             rep.collectives[kind] = (n + 1, b + costs.nbytes(src))
     for o, layout in plan.outputs:
@@ -148,7 +149,6 @@ def _report(plan: Plan, costs: Costs, device: str, link_name: str, one: float) -
             n, b = rep.collectives.get(kind, (0, 0.0))
             rep.collectives[kind] = (n + 1, b + costs.nbytes(o))
     return rep
-
 
 
 def _why_replicated(t: torch.Tensor, world: int) -> str:
@@ -194,10 +194,9 @@ def _initialised() -> bool:
 
 
 def _budget(problem: Problem, memory_per_rank, share: float) -> float:
-    total = sum(t.numel() * t.element_size() for _, t in problem.weights.values())
     if memory_per_rank is not None:
         return float(memory_per_rank)
-    return total * share
+    return sum(problem.weight_bytes.values()) * share
 
 
 def make_plan(model, example_inputs, world_size: int, device: str = "cpu", group=None,
@@ -243,7 +242,7 @@ def make_plan(model, example_inputs, world_size: int, device: str = "cpu", group
 def _search_relaxed(problem, costs, budget, relax: bool, beam: int, notes: list) -> tuple:
     """The plan within ``budget``; where no plan fits (a size that does not divide among the
     ranks, weights no rule splits), the budget is raised step by step, said in ``notes``."""
-    total = sum(t.numel() * t.element_size() for _, t in problem.weights.values()) or 1.0
+    total = sum(problem.weight_bytes.values()) or 1.0
     tries = [budget] + ([b * total for b in (0.6, 0.75, 0.9)] + [float("inf")] if relax else [])
     for k, limit in enumerate(tries):
         if k and limit <= budget:
@@ -293,15 +292,14 @@ def predict(problem: Problem, model, scenarios: dict, device: str, world: int, b
     """(label, estimated seconds on one device, estimated seconds of the best plan) per
     scenario: the plan searched again with the scenario's sizes (checks stay on the example)."""
     dev, link = _device_and_link(device, world)
-    names = {n.name for n in problem.gm.graph.nodes}
+    tensors = {n.name for n in problem.gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)}
     out = []
     for label, inputs in scenarios.items():
         try:
             shapes = export_shapes(model, inputs)
         except Exception:  # noqa: BLE001  (a size the model does not take: no prediction)
             continue
-        if len(set(shapes) & names) < 0.9 * len(names & {n.name for n in problem.gm.graph.nodes
-                                                           if isinstance(n.meta.get("val"), torch.Tensor)}):
+        if len(set(shapes) & tensors) < 0.9 * len(tensors):
             continue    # another graph at these sizes (a size-1 axis takes other paths): not comparable
         try:
             par = search(problem, Costs(dev, link, world, shapes), budget, beam=beam).cost
@@ -436,7 +434,7 @@ def plan_parallel(model, example_inputs, world_size: int, *, device: str = "h100
     plan, costs, rep = make_plan(model, example_inputs, world_size, device, None, memory_per_rank,
                                  beam=beam, shapes=shapes)
     graph = rank_graph(plan)
-    modules = [torch.fx.GraphModule(rank_state(plan, r), graph) for r in range(world_size)]
+    modules = [rank_module(plan, r, graph) for r in range(world_size)]
     if check:
         expected = [plan.problem.values[o] for o in plan.problem.outputs]
         flat_user = [plan.problem.values[ph] for ph in plan.problem.user_inputs]

@@ -26,8 +26,8 @@ import numpy as np
 from ..dims import evaluate_shape
 from ..errors import NotAlgebraic, RuleFormatError
 from ..ir import Graph, parse_ref
-from ..ops import get_op
-from ..verify import TOLERANCES, close, graph_symbols, instantiations, typechecks
+from ..ops import PRIME, get_op
+from ..verify import TOLERANCES, close, graph_symbols, instantiations, prove_equal, typechecks
 from .layouts import P, R, S, Layout
 
 RULES_FILE = Path(__file__).resolve().parents[2] / "substitutions" / "parallel.rules"
@@ -68,24 +68,20 @@ def _stacked_env(rule, binding, world, draw) -> dict:
     return env
 
 
+def _line_up_ranks(opdef, args: list) -> list:
+    """Before a per-rank op, operands of lower rank get unit axes after the rank axis, so that
+    numpy's broadcasting (from the last axis) lines the rank axes up."""
+    if opdef.spmd:
+        return args
+    top = max(np.ndim(a) for a in args)
+    return [a if np.ndim(a) in (0, top) else np.reshape(a, (a.shape[0],) + (1,) * (top - np.ndim(a)) + a.shape[1:])
+            for a in args]
+
+
 def evaluate_stacked(graph: Graph, env: dict, semantics: str, binding: dict) -> list:
     """Evaluate a graph for every rank at once: arrays carry a leading rank axis (0-d scalars
-    do not: they are the same on every rank).  Before a per-rank op, operands of lower rank
-    get unit axes after the rank axis, so that numpy's broadcasting (from the last axis)
-    lines the rank axes up."""
-    from ..ir import concrete_attrs, node_ref
-    values = dict(env)
-    for idx, node in enumerate(graph.nodes):
-        opdef = get_op(node.op)
-        args = [values[r] for r in node.inputs]
-        if not opdef.spmd:
-            top = max(np.ndim(a) for a in args)
-            args = [a if np.ndim(a) in (0, top) else
-                    np.reshape(a, (a.shape[0],) + (1,) * (top - np.ndim(a)) + a.shape[1:]) for a in args]
-        outs = getattr(opdef, semantics)(args, concrete_attrs(node.attrs, binding))
-        for j, v in enumerate(outs):
-            values[node_ref(idx, j, len(node.outs))] = v
-    return [values[r] for r in graph.outputs]
+    do not: they are the same on every rank)."""
+    return graph.evaluate(env, semantics, binding, prepare=_line_up_ranks)
 
 
 def verify_parallel_rule(rule, world: int, seeds=(1, 2, 3), shapes: int = 2) -> tuple:
@@ -113,7 +109,7 @@ def verify_parallel_rule(rule, world: int, seeds=(1, 2, 3), shapes: int = 2) -> 
     rng = np.random.default_rng(7)
     env = _stacked_env(rule, binding, world, lambda n, s, r: np.asarray(rng.integers(1, 1000, size=s), dtype=np.int64))
     fa, fb = evaluate_stacked(rule.src, env, "fingerprint", binding), evaluate_stacked(rule.dst, env, "fingerprint", binding)
-    if not all(np.array_equal(np.asarray(x) % 16777213, np.asarray(y) % 16777213) for x, y in zip(fa, fb)):
+    if not all(np.array_equal(np.asarray(x) % PRIME, np.asarray(y) % PRIME) for x, y in zip(fa, fb)):
         return False, evidence, f"fingerprints differ at sizes {binding}, {world} ranks"
     evidence["fingerprint"] = True
     evidence["z3"] = _z3(rule, world)
@@ -137,16 +133,7 @@ def _z3(rule, world: int) -> str:
         a, b = evaluate_stacked(rule.src, env, "z3", binding), evaluate_stacked(rule.dst, env, "z3", binding)
     except NotAlgebraic:
         return "not-algebraic"
-    solver = z3.Solver()
-    solver.set("timeout", 4000)
-    diffs = [p - q for x, y in zip(a, b) for p, q in zip(np.asarray(x).reshape(-1), np.asarray(y).reshape(-1))]
-    diffs = [d for d in (z3.simplify(d, som=True) for d in diffs)
-             if not (z3.is_rational_value(d) and d.as_fraction() == 0)]
-    if not diffs:
-        return "proved"
-    solver.add(z3.Or([d != 0 for d in diffs]))
-    result = solver.check()
-    return "proved" if result == z3.unsat else "refuted" if result == z3.sat else "timeout"
+    return prove_equal(a, b, binding, timeout_ms=4000)[0]
 
 
 def world_of(graph: Graph) -> int | None:

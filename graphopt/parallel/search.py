@@ -34,7 +34,7 @@ import torch.fx as fx
 from ..errors import GraphoptError
 from . import collectives
 from .comm import collective_time
-from .layouts import P, R, S, Layout, combine, divisible, local_shape, part, random_parts
+from .layouts import P, R, S, Layout, combine, conversion, divisible, local_shape, part, random_parts
 from .rules import strategies
 
 aten = torch.ops.aten
@@ -109,6 +109,7 @@ class Problem:
             else:
                 self.user_inputs.append(ph)
                 flat.append(next(user))
+        self.weight_bytes = {ph: float(t.numel() * t.element_size()) for ph, (_, t) in self.weights.items()}
         self.values = _run_all(self.gm, flat)
         self.checker = Checker(self)
         self.outputs = [a for a in fx.node.map_arg(list(self._output().args[0]), lambda n: n)]
@@ -351,21 +352,14 @@ class Costs:
         return self.device.overhead + max(flops / peak, moved / self.device.bandwidth)
 
     def convert(self, node, src: Layout, dst: Layout) -> tuple:
-        """(kind, seconds) of converting a value from ``src`` to ``dst`` (None: impossible)."""
-        nbytes = self.nbytes(node)
-        if src == dst:
-            return "none", 0.0
-        if dst.kind == "R":
-            kind = "all_gather" if src.split else "all_reduce"
-        elif src.kind == "R":
-            kind = "shard" if dst.split else "partial"
-        elif src.kind == "P" and dst.split and not dst.blocks:
-            kind = "reduce_scatter"
-        elif src.split and dst.split:
-            kind = "all_gather"     # then a slice
-        else:
+        """(kind, seconds) of converting a value from ``src`` to ``dst`` (kind None: impossible;
+        see :func:`~graphopt.parallel.layouts.conversion`)."""
+        kind = conversion(src, dst)
+        if kind is None:
             return None, 0.0
-        return kind, collective_time(kind, nbytes, self.world, self.link)
+        # a regather moves what an all-gather moves (the slice after it is local)
+        priced = "all_gather" if kind == "regather" else kind
+        return kind, collective_time(priced, self.nbytes(node), self.world, self.link)
 
 
 # -- the search ---------------------------------------------------------------------------
@@ -444,23 +438,15 @@ def search(problem: Problem, costs: Costs, memory_budget: float = float("inf"), 
     split (:func:`megatron` states Megatron-LM's hand-written plan that way)."""
     table = strategies()
     check = problem.checker
-    gm = problem.gm
-    nodes = list(gm.graph.nodes)
-    last = {}
-    for i, n in enumerate(nodes):
-        for a in n.all_input_nodes:
-            last[a] = i
     world = problem.world
-    wbytes = {ph: float(t.numel() * t.element_size()) for ph, (_, t) in problem.weights.items()}
+    wbytes = problem.weight_bytes
     unfixed_min = sum(b / world for b in wbytes.values())
     states = [State({ph: R for ph in problem.user_inputs}, 0.0, unfixed_min)]
-    calls = [n for n in nodes if n.op == "call_function"]
-    for k, node in enumerate(calls):
+    calls = [n for n in problem.gm.graph.nodes if n.op == "call_function"]
+    for k, (node, live) in enumerate(zip(calls, _live_after(problem.gm, calls))):
         if progress:
             progress(k, len(calls))
         new: dict = {}
-        idx = nodes.index(node)
-        live = {n for n, i in last.items() if i > idx}
         for st in states:
             for cand in _expand(st, node, problem, check, costs, table, wbytes, memory_budget, allow):
                 key = cand.key(live)
@@ -501,6 +487,25 @@ def search(problem: Problem, costs: Costs, memory_budget: float = float("inf"), 
             weights[ph] = layout
     comm = sum(s.comm for s in steps) + sum(costs.convert(o, l, R)[1] for o, l in best_out)
     return Plan(problem, steps, weights, best_out, best_cost, best.mem, comm)
+
+
+def _live_after(gm, calls: list) -> list:
+    """For each call, the values defined so far that a later node still reads (what the
+    search's state keeps), computed in one pass."""
+    nodes = list(gm.graph.nodes)
+    pos = {n: i for i, n in enumerate(nodes)}
+    last = {}
+    for i, n in enumerate(nodes):
+        for a in n.all_input_nodes:
+            last[a] = i
+    out, live, done = [], set(), 0
+    for call in calls:
+        idx = pos[call]
+        live.update(n for n in nodes[done:idx + 1] if last.get(n, -1) > idx)
+        done = idx + 1
+        live = {n for n in live if last[n] > idx}
+        out.append(live)
+    return out
 
 
 def _expand(st: State, node, problem, check, costs, table, wbytes, budget, allow=None) -> list:
